@@ -1,0 +1,1 @@
+"""Connectors read source records (FHIR, finance formats) into kit's event store."""

@@ -1,0 +1,1 @@
+"""Selective-scan and causal conv1d kernels (PyTorch reference/chunked, Triton on GPU)."""

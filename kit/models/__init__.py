@@ -1,0 +1,1 @@
+"""Backbones (Mamba, Transformer) behind one interface, with LM and task heads."""

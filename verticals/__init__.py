@@ -1,0 +1,1 @@
+"""Verticals define prediction tasks, tokenizers and prompts over the event store."""
