@@ -1,0 +1,1 @@
+"""Training: pretraining on next events and multitask prompted finetuning."""
