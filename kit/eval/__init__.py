@@ -1,0 +1,1 @@
+"""Evaluation: task metrics with bootstrap intervals, and the count-feature baselines."""
