@@ -1,0 +1,41 @@
+"""Causal depthwise conv1d, as the Mamba block uses it before the scan."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """out[b, d, t] = bias[d] + sum_k weight[d, k] * x[b, d, t - (W - 1) + k], optionally SiLU.
+
+    x (batch, dim, length), weight (dim, width). ``initial_state`` (batch, dim, width - 1) holds the inputs
+    that came before x (streaming); the final state is the last width - 1 inputs, for the next call.
+    """
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be (batch, dim, length), got shape {tuple(x.shape)}")
+    batch, dim, _ = x.shape
+    if weight.dim() != 2 or weight.shape[0] != dim:
+        raise ValueError(f"weight must be (dim={dim}, width), got {tuple(weight.shape)}")
+    width = weight.shape[1]
+    if initial_state is None:
+        padded = F.pad(x, (width - 1, 0))
+    else:
+        if tuple(initial_state.shape) != (batch, dim, width - 1):
+            raise ValueError(f"initial_state must be {(batch, dim, width - 1)}, got {tuple(initial_state.shape)}")
+        padded = torch.cat([initial_state.to(x.dtype), x], dim=-1)
+    out = F.conv1d(padded, weight.to(x.dtype).unsqueeze(1), None if bias is None else bias.to(x.dtype), groups=dim)
+    if activation is not None:
+        out = F.silu(out)
+    if return_final_state:
+        return out, padded[..., padded.shape[-1] - (width - 1):]
+    return out
