@@ -1,0 +1,230 @@
+"""Our Mamba (v1) backbone: parameter names and shapes identical to transformers' `MambaModel`.
+
+Every projection is an ordinary `nn.Linear` called as a module, so peft LoRA adapters on in_proj, x_proj, dt_proj
+and out_proj train on every path; the scan and the depthwise conv go through `kit.kernels`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kit import kernels
+
+
+@dataclass
+class MambaSpec:
+    """Shape and numerics of a Mamba stack; field names follow transformers' `MambaConfig`."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    state_size: int = 16
+    expand: int = 2
+    conv_kernel: int = 4
+    time_step_rank: int | str = "auto"
+    use_bias: bool = False
+    use_conv_bias: bool = True
+    layer_norm_epsilon: float = 1e-5
+    residual_in_fp32: bool = True
+    pad_token_id: int | None = 0
+    hidden_act: str = "silu"
+    # Initialisation of a fresh model (ignored when weights are loaded).
+    time_step_scale: float = 1.0
+    time_step_min: float = 0.001
+    time_step_max: float = 0.1
+    time_step_init_scheme: str = "random"
+    time_step_floor: float = 1e-4
+    initializer_range: float = 0.02
+    rescale_prenorm_residual: bool = True
+
+    def __post_init__(self) -> None:
+        if self.time_step_rank == "auto":
+            self.time_step_rank = math.ceil(self.hidden_size / 16)
+        self.time_step_rank = int(self.time_step_rank)
+        if self.hidden_act != "silu":
+            raise ValueError(f"only hidden_act='silu' is supported, got {self.hidden_act!r}")
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.expand * self.hidden_size)
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any]) -> MambaSpec:
+        """Read the fields we use from a transformers `MambaConfig` dict (config.json); others are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        spec = cls(**{k: v for k, v in config.items() if k in names})
+        if "intermediate_size" in config and int(config["intermediate_size"]) != spec.intermediate_size:
+            raise ValueError(
+                f"intermediate_size {config['intermediate_size']} != expand * hidden_size {spec.intermediate_size}"
+            )
+        return spec
+
+    def to_hf(self) -> dict[str, Any]:
+        """A dict that `transformers.MambaConfig(**d)` accepts and that reproduces this stack."""
+        return {"model_type": "mamba", **dataclasses.asdict(self), "intermediate_size": self.intermediate_size}
+
+
+@dataclass
+class MambaState:
+    """Per-layer streaming state: the last conv_kernel-1 conv inputs (B, D, W-1) and the SSM state (B, D, N)."""
+
+    conv: list[torch.Tensor] = field(default_factory=list)
+    ssm: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class BackboneOutput:
+    last_hidden_state: torch.Tensor
+    state: MambaState | None = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class MambaMixer(nn.Module):
+    """Selective SSM mixer: in_proj -> causal depthwise conv + SiLU -> x_proj -> dt_proj -> scan -> out_proj."""
+
+    def __init__(self, spec: MambaSpec) -> None:
+        super().__init__()
+        inner, rank, n = spec.intermediate_size, spec.time_step_rank, spec.state_size
+        self.spec = spec
+        self.scan_impl = "auto"  # kit.kernels dispatch; set by `set_scan_impl`
+        self.in_proj = nn.Linear(spec.hidden_size, 2 * inner, bias=spec.use_bias)
+        # Kept as nn.Conv1d for the (D, 1, W) weight layout transformers uses; the forward calls kit.kernels.
+        self.conv1d = nn.Conv1d(inner, inner, spec.conv_kernel, groups=inner, padding=spec.conv_kernel - 1,
+                                bias=spec.use_conv_bias)
+        self.x_proj = nn.Linear(inner, rank + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(rank, inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(inner, n))
+        self.D = nn.Parameter(torch.empty(inner))
+        self.out_proj = nn.Linear(inner, spec.hidden_size, bias=spec.use_bias)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """S4D-real A, unit D, and dt_proj so that softplus(bias) is log-uniform in [time_step_min, time_step_max]."""
+        spec = self.spec
+        inner, n = spec.intermediate_size, spec.state_size
+        self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand(inner, n))
+        self.D.fill_(1.0)
+        std = spec.time_step_rank**-0.5 * spec.time_step_scale
+        if spec.time_step_init_scheme == "constant":
+            self.dt_proj.weight.fill_(std)
+        else:
+            self.dt_proj.weight.uniform_(-std, std)
+        lo, hi = math.log(spec.time_step_min), math.log(spec.time_step_max)
+        dt = torch.exp(torch.rand(inner) * (hi - lo) + lo).clamp(min=spec.time_step_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        conv_state: torch.Tensor | None = None,
+        ssm_state: torch.Tensor | None = None,
+        return_state: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        spec = self.spec
+        mask = None if attention_mask is None else attention_mask[:, :, None].to(hidden.dtype)
+        if mask is not None:
+            hidden = hidden * mask  # padded positions feed zeros, as transformers does
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (B, D, L) each
+
+        conv = kernels.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
+                                     initial_state=conv_state, return_final_state=return_state)
+        x, new_conv_state = conv if return_state else (conv, None)
+        if mask is not None:
+            x = x * mask.transpose(1, 2)
+
+        dt, b, c = torch.split(self.x_proj(x.transpose(1, 2)), [spec.time_step_rank, spec.state_size,
+                                                                 spec.state_size], dim=-1)
+        # dt_proj as a module call (bias included) so a LoRA adapter on it sits on the gradient path.
+        delta = self.dt_proj(dt).transpose(1, 2)
+        A = -torch.exp(self.A_log.float())
+        result = kernels.selective_scan(
+            x, delta, A, b.transpose(1, 2), c.transpose(1, 2), D=self.D.float(), z=z,
+            delta_softplus=True, initial_state=ssm_state, return_last_state=return_state, impl=self.scan_impl,
+        )
+        y, new_ssm_state = result if return_state else (result, None)
+        out = self.out_proj(y.transpose(1, 2).to(hidden.dtype))
+        return out, new_conv_state, new_ssm_state
+
+
+class MambaBlock(nn.Module):
+    def __init__(self, spec: MambaSpec) -> None:
+        super().__init__()
+        self.residual_in_fp32 = spec.residual_in_fp32
+        self.norm = RMSNorm(spec.hidden_size, eps=spec.layer_norm_epsilon)
+        self.mixer = MambaMixer(spec)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, **state: Any):
+        residual = hidden.float() if self.residual_in_fp32 else hidden
+        out, conv_state, ssm_state = self.mixer(self.norm(hidden.to(self.norm.weight.dtype)), attention_mask, **state)
+        return residual + out, conv_state, ssm_state
+
+
+class MambaBackbone(nn.Module):
+    """Embeddings, a stack of Mamba blocks and a final RMSNorm (state-dict compatible with transformers' MambaModel)."""
+
+    def __init__(self, spec: MambaSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embeddings = nn.Embedding(spec.vocab_size, spec.hidden_size, padding_idx=None)
+        self.layers = nn.ModuleList(MambaBlock(spec) for _ in range(spec.num_hidden_layers))
+        self.norm_f = RMSNorm(spec.hidden_size, eps=spec.layer_norm_epsilon)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        nn.init.normal_(self.embeddings.weight, std=self.spec.initializer_range)
+        if self.spec.rescale_prenorm_residual:
+            # GPT-2 style: keep the residual stream's variance from growing with depth.
+            for layer in self.layers:
+                layer.mixer.out_proj.weight /= math.sqrt(self.spec.num_hidden_layers)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def set_scan_impl(self, impl: str) -> None:
+        """Force a kit.kernels selective-scan implementation ("auto", "reference", "chunked", "triton", ...)."""
+        for layer in self.layers:
+            layer.mixer.scan_impl = impl
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        state: MambaState | None = None,
+        return_state: bool = False,
+    ) -> BackboneOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        hidden = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        new_state = MambaState() if return_state else None
+        for i, layer in enumerate(self.layers):
+            layer_state = {"return_state": return_state}
+            if state is not None:
+                layer_state.update(conv_state=state.conv[i], ssm_state=state.ssm[i])
+            hidden, conv_state, ssm_state = layer(hidden, attention_mask, **layer_state)
+            if new_state is not None:
+                new_state.conv.append(conv_state)
+                new_state.ssm.append(ssm_state)
+        return BackboneOutput(last_hidden_state=self.norm_f(hidden), state=new_state)
