@@ -1,3 +1,8 @@
-"""Clinical vertical: tasks, tokenizer and prompts over FHIR-derived events."""
+"""Clinical vertical: tasks, tokenizer and prompts over FHIR-derived events.
 
-vertical = None  # filled in by the clinical vertical issue
+Found by kit's core through the `kit.verticals` entry point `clinical = "verticals.clinical:vertical"`.
+"""
+
+from verticals.clinical.vertical import ClinicalVertical, vertical
+
+__all__ = ["ClinicalVertical", "vertical"]

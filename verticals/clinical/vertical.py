@@ -1,0 +1,85 @@
+"""The clinical vertical object that `kit.registry.vertical("clinical")` returns."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from kit.errors import KitError
+from verticals.clinical.labelers import ClinicalTask, FollowUp, choose_condition_codes
+from verticals.clinical.spec import NewConditionRule, NextEncounterClassRule, TaskSpec, load_task_spec, parse_task_spec
+
+import yaml
+
+TASKS_PACKAGE = "verticals.clinical.tasks"
+
+
+def _shipped() -> dict[str, TaskSpec]:
+    out = {}
+    for entry in sorted(resources.files(TASKS_PACKAGE).iterdir(), key=lambda e: e.name):
+        if entry.name.endswith((".yaml", ".yml")):
+            spec = parse_task_spec(yaml.safe_load(entry.read_text()), f"{TASKS_PACKAGE}/{entry.name}")
+            out[spec.name] = spec
+    return out
+
+
+class ClinicalVertical:
+    name = "clinical"
+    description = "Clinical prediction tasks over FHIR-derived events (mortality, readmission, length of stay, ...)"
+
+    def task_names(self) -> list[str]:
+        return list(_shipped())
+
+    def task_spec_path(self, name: str) -> Path:
+        return Path(str(resources.files(TASKS_PACKAGE) / f"{name}.yaml"))
+
+    def load_tasks(self, names: list[str] | None, files: list[str] = ()) -> list[TaskSpec]:
+        """The shipped tasks named (all when None), then the user's spec files; names must be unique."""
+        shipped = _shipped()
+        specs: list[TaskSpec] = []
+        if names is None:
+            specs = list(shipped.values()) if not files else []
+        else:
+            for n in names:
+                if n not in shipped:
+                    raise KitError(f"unknown clinical task '{n}'; available: {', '.join(shipped)}")
+                specs.append(shipped[n])
+        for f in files:
+            specs.append(load_task_spec(f))
+        seen: set[str] = set()
+        for s in specs:
+            if s.name in seen:
+                raise KitError(f"task '{s.name}' is listed twice; task names must be unique")
+            seen.add(s.name)
+        if not specs:
+            raise KitError("no tasks selected")
+        return specs
+
+    def prepare(self, specs: list[TaskSpec], train_events: pl.LazyFrame, context: dict[str, Any]) -> list[ClinicalTask]:
+        fu = context.get("follow_up") or {}
+        follow_up = FollowUp(
+            rule=fu.get("rule", "last_event"),
+            dataset_end=context.get("dataset_end"),
+            fixed_date=datetime.fromisoformat(str(fu["date"])) if fu.get("date") else None,
+        )
+        codes: pl.DataFrame = context.get("codes", pl.DataFrame(schema={"code": pl.String, "description": pl.String}))
+        describe = dict(codes.select("code", "description").iter_rows()) if codes.height else {}
+        tasks = []
+        for spec in specs:
+            task = ClinicalTask(spec=spec, follow_up=follow_up)
+            if isinstance(spec.label, NextEncounterClassRule):
+                task.classes = list(spec.label.classes) + ([spec.label.none_class] if spec.label.none_class else [])
+            elif isinstance(spec.label, NewConditionRule):
+                chosen = choose_condition_codes(train_events, spec.label)
+                task.condition_codes = chosen.get_column("code").to_list()
+                task.classes = list(task.condition_codes)
+                task.class_descriptions = [describe.get(c) or c for c in task.condition_codes]
+            tasks.append(task)
+        return tasks
+
+
+vertical = ClinicalVertical()
