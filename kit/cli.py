@@ -39,6 +39,7 @@ app.add_typer(ingest_app, name="ingest")
 # Modules that add commands to `app` through a `register(app)` function, in help order.
 COMMAND_MODULES = [
     "kit.inspect",
+    "kit.datasets.cli",
 ]
 
 
