@@ -28,3 +28,23 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tests_data() -> Path:
     return REPO / "tests" / "data"
+
+
+@pytest.fixture(scope="session")
+def synthea_bundles(shared_data: Path) -> Path:
+    return shared_data / "fhir" / "synthea-r4-bundles"
+
+
+@pytest.fixture(scope="session")
+def synthea_events(synthea_bundles: Path, tmp_path_factory) -> Path:
+    """The shared Synthea bundles ingested once per session by the real `kit ingest fhir` command."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("synthea") / "events"
+    proc = subprocess.run(
+        [sys.executable, "-m", "kit", "ingest", "fhir", str(synthea_bundles), "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
