@@ -18,7 +18,7 @@ IMPLS: dict[str, tuple[str, str]] = {
     "triton": ("kit.kernels.scan_triton", "selective_scan_triton"),
     "mamba_ssm": ("kit.kernels.scan_mamba_ssm", "selective_scan_mamba_ssm"),
 }
-CPU_DEFAULT = "reference"  # becomes "chunked" once it lands
+CPU_DEFAULT = "chunked"
 
 
 def triton_available() -> bool:

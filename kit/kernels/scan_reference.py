@@ -32,16 +32,24 @@ def selective_scan_reference(
         delta_c = delta_c + delta_bias.to(ct)[:, None]
     if delta_softplus:
         delta_c = F.softplus(delta_c)
-    # Each group of B/C serves dim // groups consecutive channels.
-    B_c = (B if B.dim() == 4 else B.unsqueeze(1)).to(ct).repeat_interleave(dim // groups, dim=1)
-    C_c = (C if C.dim() == 4 else C.unsqueeze(1)).to(ct).repeat_interleave(dim // groups, dim=1)
-    h = u_c.new_zeros(batch, dim, dstate) if initial_state is None else initial_state.to(ct)
+    # Channels as (groups, dim // groups) so each group's B_t/C_t broadcasts over its channels; time steps
+    # are unbound once up front (indexing per step would make autograd allocate full-size gradients per step).
+    hdim = dim // groups
+    B_steps = (B if B.dim() == 4 else B.unsqueeze(1)).to(ct).unsqueeze(2).unbind(-1)
+    C_steps = (C if C.dim() == 4 else C.unsqueeze(1)).to(ct).unsqueeze(2).unbind(-1)
+    delta_steps = delta_c.reshape(batch, groups, hdim, length, 1).unbind(-2)
+    u_steps = u_c.reshape(batch, groups, hdim, length, 1).unbind(-2)
+    A_g = A_c.reshape(groups, hdim, dstate)
+    if initial_state is None:
+        h = u_c.new_zeros(batch, groups, hdim, dstate)
+    else:
+        h = initial_state.to(ct).reshape(batch, groups, hdim, dstate)
     ys = []
     for t in range(length):
-        decay = torch.exp(delta_c[:, :, t, None] * A_c)
-        h = decay * h + (delta_c[:, :, t] * u_c[:, :, t])[:, :, None] * B_c[:, :, :, t]
-        ys.append((h * C_c[:, :, :, t]).sum(-1))
-    y = torch.stack(ys, dim=-1)
+        h = torch.exp(delta_steps[t] * A_g) * h + (delta_steps[t] * u_steps[t]) * B_steps[t]
+        ys.append((h * C_steps[t]).sum(-1))
+    h = h.reshape(batch, dim, dstate)
+    y = torch.stack(ys, dim=-1).reshape(batch, dim, length)
     if D is not None:
         y = y + u_c * D.to(ct)[:, None]
     if z is not None:

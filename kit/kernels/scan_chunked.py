@@ -1,0 +1,176 @@
+"""Chunked selective scan in plain PyTorch: the CPU default, forward and a hand-written backward.
+
+The sequence is cut into K chunks of T steps. Every loop runs over the T positions of a chunk while
+operating on all K chunks at once (tensors of B*D*K*N elements), and a short loop over K carries the
+state across chunk boundaries. Only exponentials of non-positive numbers appear (exp(delta * A) and
+products of them), so it is stable in fp32 for any sequence length. The backward recomputes the
+states from the saved chunk-start states instead of keeping autograd's per-step graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kit.kernels._inputs import check_scan_shapes, compute_dtype
+
+# Elements per step tensor (batch * dim * chunks * dstate) that keep each step's work in cache while
+# amortising Python's per-op overhead; tuned on a 2-core CPU (see bench/kernels.py).
+TARGET_STEP_ELEMENTS = 1 << 17
+
+
+def pick_chunk_size(batch: int, dim: int, length: int, dstate: int) -> int:
+    chunks = max(1, min(length, TARGET_STEP_ELEMENTS // max(1, batch * dim * dstate)))
+    return math.ceil(length / chunks)
+
+
+def _to_steps(x: torch.Tensor, groups: int, chunk: int) -> torch.Tensor:
+    """(batch, dim, Lp) -> (T, batch, groups, K, dim // groups), contiguous per step."""
+    b, d, lp = x.shape
+    return x.reshape(b, groups, d // groups, lp // chunk, chunk).permute(4, 0, 1, 3, 2).contiguous()
+
+
+def _from_steps(x: torch.Tensor, length: int) -> torch.Tensor:
+    t, b, g, k, h = x.shape
+    return x.permute(1, 2, 4, 3, 0).reshape(b, g * h, k * t)[..., :length]
+
+
+def _bc_to_steps(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(batch, groups, N, Lp) -> (T, batch, groups, K, N)."""
+    b, g, n, lp = x.shape
+    return x.reshape(b, g, n, lp // chunk, chunk).permute(4, 0, 1, 3, 2).contiguous()
+
+
+def _bc_from_steps(x: torch.Tensor, length: int) -> torch.Tensor:
+    t, b, g, k, n = x.shape
+    return x.permute(1, 2, 4, 3, 0).reshape(b, g, n, k * t)[..., :length]
+
+
+class ChunkedScan(torch.autograd.Function):
+    """Core scan y_t = C_t . h_t, h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t (no D, z, bias)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, h0, chunk: int):
+        batch, dim, length = u.shape
+        groups, dstate = B.shape[1], B.shape[2]
+        hdim = dim // groups
+        nchunks = math.ceil(length / chunk)
+        pad = nchunks * chunk - length
+        if pad:
+            # delta = 0 leaves the state untouched, so padded steps change neither y nor the last state.
+            u, delta = F.pad(u, (0, pad)), F.pad(delta, (0, pad))
+            B, C = F.pad(B, (0, pad)), F.pad(C, (0, pad))
+        dt, us = _to_steps(delta, groups, chunk), _to_steps(u, groups, chunk)
+        dtu = dt * us
+        Bs, Cs = _bc_to_steps(B, chunk), _bc_to_steps(C, chunk)
+        Ah = A.reshape(1, groups, 1, hdim, dstate)
+        state_shape = (batch, groups, nchunks, hdim, dstate)
+
+        # 1) state at each chunk's end when the chunk starts from zero; keep the decays for step 3.
+        decays = torch.empty((chunk, *state_shape), dtype=u.dtype, device=u.device)
+        h = torch.zeros(state_shape, dtype=u.dtype, device=u.device)
+        for t in range(chunk):
+            a = torch.mul(dt[t].unsqueeze(-1), Ah, out=decays[t]).exp_()
+            h.mul_(a).addcmul_(dtu[t].unsqueeze(-1), Bs[t].unsqueeze(-2))
+        # 2) carry states across chunk boundaries: H_k = P_k H_{k-1} + h_k.
+        chunk_decay = torch.exp(dt.sum(0).unsqueeze(-1) * Ah)
+        starts = torch.empty_like(h)
+        carry = torch.zeros_like(h[:, :, 0]) if h0 is None else h0.reshape(batch, groups, hdim, dstate)
+        for k in range(nchunks):
+            starts[:, :, k] = carry
+            carry = chunk_decay[:, :, k] * carry + h[:, :, k]
+        # 3) rescan every chunk from its true start state, contracting with C as we go.
+        h = starts.clone()
+        y = torch.empty((chunk, batch, groups, nchunks, hdim), dtype=u.dtype, device=u.device)
+        for t in range(chunk):
+            h.mul_(decays[t]).addcmul_(dtu[t].unsqueeze(-1), Bs[t].unsqueeze(-2))
+            torch.matmul(h, Cs[t].unsqueeze(-1), out=y[t].unsqueeze(-1))
+        ctx.save_for_backward(dt, us, Ah, Bs, Cs, starts, chunk_decay)
+        ctx.meta = (length, dim, dstate, h0 is not None)
+        return _from_steps(y, length), carry.reshape(batch, dim, dstate)
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        dt, us, Ah, Bs, Cs, starts, chunk_decay = ctx.saved_tensors
+        dtu = dt * us
+        length, dim, dstate, has_h0 = ctx.meta
+        chunk, batch, groups, nchunks, hdim = dt.shape
+        lp = chunk * nchunks
+        dy = F.pad(dy.to(dt.dtype), (0, lp - length))
+        dys = _to_steps(dy, groups, chunk)
+
+        # Recompute the states (kept: one (T, B, G, K, H, N) tensor) and dC along the way.
+        hs = torch.empty((chunk + 1, *starts.shape), dtype=dt.dtype, device=dt.device)
+        decays = torch.empty((chunk, *starts.shape), dtype=dt.dtype, device=dt.device)
+        dCs = torch.empty_like(Cs)
+        hs[0] = starts
+        for t in range(chunk):
+            a = torch.mul(dt[t].unsqueeze(-1), Ah, out=decays[t]).exp_()
+            torch.mul(hs[t], a, out=hs[t + 1]).addcmul_(dtu[t].unsqueeze(-1), Bs[t].unsqueeze(-2))
+            torch.matmul(dys[t].unsqueeze(-2), hs[t + 1], out=dCs[t].unsqueeze(-2))
+        # Adjoint that each chunk sends to the state before it, from its own outputs only.
+        q = torch.zeros_like(starts)
+        for t in reversed(range(chunk)):
+            q.addcmul_(dys[t].unsqueeze(-1), Cs[t].unsqueeze(-2)).mul_(decays[t])
+        # Carry adjoints across chunk boundaries, right to left.
+        ends = torch.empty_like(starts)
+        g = torch.zeros_like(starts[:, :, 0]) if dlast is None else dlast.to(dt.dtype).reshape(batch, groups, hdim, dstate)
+        for k in reversed(range(nchunks)):
+            ends[:, :, k] = g
+            g = chunk_decay[:, :, k] * g + q[:, :, k]
+        dh0 = g.reshape(batch, dim, dstate) if has_h0 else None
+        # Rescan each chunk right to left with its true adjoint; gather input gradients per step.
+        ddt = torch.empty_like(dt)
+        ddtu = torch.empty_like(dt)
+        dBs = torch.empty_like(Bs)
+        dA_acc = torch.zeros_like(starts)
+        g = ends
+        for t in reversed(range(chunk)):
+            g.addcmul_(dys[t].unsqueeze(-1), Cs[t].unsqueeze(-2))  # g_t: dL/dh_t
+            torch.matmul(dtu[t].unsqueeze(-2), g, out=dBs[t].unsqueeze(-2))
+            torch.matmul(g, Bs[t].unsqueeze(-1), out=ddtu[t].unsqueeze(-1))
+            s = hs[t].mul_(g).mul_(decays[t])  # dL/d(delta_t A), reusing h_{t-1}'s storage
+            dA_acc.addcmul_(s, dt[t].unsqueeze(-1))
+            torch.sum(s.mul_(Ah), -1, out=ddt[t])
+            g.mul_(decays[t])
+        du = _from_steps(ddtu * dt, length)
+        ddelta = _from_steps(ddt + ddtu * us, length)
+        dA = dA_acc.sum((0, 2)).reshape(dim, dstate)
+        return du, ddelta, dA, _bc_from_steps(dBs, length), _bc_from_steps(dCs, length), dh0, None
+
+
+def selective_scan_chunked(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    return_last_state: bool = False,
+    chunk_size: int | None = None,
+):
+    """Same contract as ``selective_scan``; ``chunk_size`` overrides the automatic choice."""
+    batch, dim, length, dstate, groups = check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    dtype_in, ct = u.dtype, compute_dtype(u)
+    u_c, delta_c = u.to(ct), delta.to(ct)
+    if delta_bias is not None:
+        delta_c = delta_c + delta_bias.to(ct)[:, None]
+    if delta_softplus:
+        delta_c = F.softplus(delta_c)
+    B_c = (B if B.dim() == 4 else B.unsqueeze(1)).to(ct)
+    C_c = (C if C.dim() == 4 else C.unsqueeze(1)).to(ct)
+    h0 = None if initial_state is None else initial_state.to(ct)
+    chunk = chunk_size or pick_chunk_size(batch, dim, length, dstate)
+    y, last = ChunkedScan.apply(u_c, delta_c, A.to(ct), B_c, C_c, h0, min(chunk, length))
+    if D is not None:
+        y = y + u_c * D.to(ct)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(ct))
+    out = y.to(dtype_in)
+    return (out, last) if return_last_state else out
