@@ -1,0 +1,205 @@
+"""Finding FHIR input files and streaming the records out of them.
+
+Inputs: Bundle JSON (`.json`, `.json.gz`, any Bundle type), a single resource JSON, and Bulk Data NDJSON
+(`.ndjson`, `.ndjson.gz`, `.jsonl`, one resource per line, split files like `Observation.001.ndjson`).
+Bundles are read whole (a per-patient Bundle is small); NDJSON streams line by line, so file size does not bound
+memory. Every record comes out as a `RawRecord`: a resource dict, or the reason it could not be read.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from kit.errors import KitError
+
+JSON_SUFFIXES = (".json", ".json.gz")
+NDJSON_SUFFIXES = (".ndjson", ".ndjson.gz", ".jsonl", ".jsonl.gz")
+# A Bulk Data export directory also holds its export log; it has no resources.
+EXPORT_LOG_NAMES = frozenset({"log.ndjson", "log.ndjson.gz"})
+# An NDJSON line that holds a Bundle: its entries get positions line << ENTRY_BITS | entry.
+ENTRY_BITS = 20
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: Path
+    kind: str  # "json" or "ndjson"
+    size: int  # bytes on disk
+
+    @property
+    def gzipped(self) -> bool:
+        return self.path.name.endswith(".gz")
+
+
+@dataclass
+class Discovery:
+    files: list[InputFile]
+    skipped: list[tuple[Path, str]]  # files found in directories that are not FHIR input, with why
+
+
+@dataclass
+class RawRecord:
+    position: int
+    resource: object | None
+    error: str | None = None
+    refs: dict[str, str] | None = None  # the enclosing Bundle's fullUrl -> id map
+    resource_id: str | None = None
+
+
+def file_kind(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith(NDJSON_SUFFIXES):
+        return "ndjson"
+    if name.endswith(JSON_SUFFIXES):
+        return "json"
+    return None
+
+
+def discover(paths: list[Path]) -> Discovery:
+    """All input files under `paths`, recursively, in sorted path order (the order dedup ties follow)."""
+    found: dict[Path, InputFile] = {}
+    skipped: list[tuple[Path, str]] = []
+    for root in paths:
+        if not root.exists():
+            raise KitError(f"{root}: no such file or directory")
+        candidates = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for p in candidates:
+            rel_hidden = any(part.startswith(".") for part in p.relative_to(root).parts) if p != root else False
+            if rel_hidden:
+                continue
+            kind = file_kind(p)
+            if p.name.lower() in EXPORT_LOG_NAMES:
+                skipped.append((p, "Bulk Data export log, holds no resources"))
+                continue
+            if kind is None:
+                if p == root:
+                    raise KitError(
+                        f"{p}: not a FHIR input file",
+                        hint="expected .json, .json.gz (Bundle or one resource) or .ndjson, .ndjson.gz (Bulk Data)",
+                    )
+                skipped.append((p, "not a .json/.ndjson file"))
+                continue
+            key = p.resolve()
+            if key not in found:
+                found[key] = InputFile(p, kind, p.stat().st_size)
+    files = sorted(found.values(), key=lambda f: str(f.path))
+    return Discovery(files, skipped)
+
+
+def position_label(kind: str, position: int) -> str:
+    if kind == "json":
+        return "resource" if position < 0 else f"entry {position}"
+    if position >= 1 << ENTRY_BITS:
+        return f"line {position >> ENTRY_BITS} entry {position & ((1 << ENTRY_BITS) - 1)}"
+    return f"line {position}"
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def _read_error(exc: BaseException) -> str:
+    if isinstance(exc, EOFError):
+        return "truncated gzip stream (compressed file ended early)"
+    if isinstance(exc, (gzip.BadGzipFile, zlib.error)):
+        return "corrupt gzip data"
+    return f"unreadable file ({type(exc).__name__})"
+
+
+def _json_error(exc: orjson.JSONDecodeError) -> str:
+    # orjson's message gives the position only, never the content.
+    return f"malformed JSON ({str(exc).split(':', 1)[0]} at line {exc.lineno} column {exc.colno})"
+
+
+def _id_of(obj: object) -> str | None:
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    return rid if isinstance(rid, str) else None
+
+
+def bundle_records(bundle: dict, base: int = 0) -> Iterator[RawRecord]:
+    """The entries of a Bundle, with the Bundle's fullUrl -> id map for reference resolution."""
+    entries = bundle.get("entry")
+    if entries is None:
+        return
+    if not isinstance(entries, list):
+        yield RawRecord(base, None, "Bundle.entry is not a list")
+        return
+    refs: dict[str, str] = {}
+    for e in entries:
+        if isinstance(e, dict):
+            url, rid = e.get("fullUrl"), _id_of(e.get("resource"))
+            if isinstance(url, str) and rid is not None:
+                refs[url] = rid
+    for i, e in enumerate(entries):
+        pos = base + i
+        if not isinstance(e, dict):
+            yield RawRecord(pos, None, "Bundle entry is not an object")
+        elif "resource" not in e:
+            # A transaction DELETE or a search outcome entry: nothing to ingest, but say so.
+            yield RawRecord(pos, None, "Bundle entry has no resource")
+        else:
+            yield RawRecord(pos, e["resource"], refs=refs, resource_id=_id_of(e["resource"]))
+
+
+def iter_records(f: InputFile, nbytes: list[int] | None = None) -> Iterator[RawRecord]:
+    """Every record of one input file, in order; unreadable parts come out as records with an error.
+
+    `nbytes[0]` accumulates the JSON bytes read (decompressed), for throughput figures.
+    """
+    nbytes = nbytes if nbytes is not None else [0]
+    if f.kind == "json":
+        try:
+            with _open(f.path) as fh:
+                raw = fh.read()
+        except (OSError, EOFError, zlib.error) as exc:
+            yield RawRecord(-1, None, _read_error(exc))
+            return
+        nbytes[0] += len(raw)
+        try:
+            doc = orjson.loads(raw.removeprefix(b"\xef\xbb\xbf"))
+        except orjson.JSONDecodeError as exc:
+            yield RawRecord(-1, None, _json_error(exc))
+            return
+        del raw
+        if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
+            yield from bundle_records(doc)
+        else:
+            yield RawRecord(-1, doc, resource_id=_id_of(doc))
+        return
+
+    line_no = 0
+    try:
+        with _open(f.path) as fh:
+            for line in fh:
+                line_no += 1
+                nbytes[0] += len(line)
+                if not line.strip():
+                    continue
+                try:
+                    doc = orjson.loads(line)
+                except orjson.JSONDecodeError as exc:
+                    yield RawRecord(line_no, None, _json_error(exc))
+                    continue
+                if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
+                    yield from bundle_records(doc, line_no << ENTRY_BITS)
+                else:
+                    yield RawRecord(line_no, doc, resource_id=_id_of(doc))
+    except (OSError, EOFError, zlib.error) as exc:
+        yield RawRecord(line_no + 1, None, f"{_read_error(exc)}; lines from here on are unreadable")
+
+
+def decompressed_size(f: InputFile) -> int:
+    """Bytes of JSON text in a file (reads gzip through once; used for throughput figures)."""
+    if not f.gzipped:
+        return f.size
+    n = 0
+    with gzip.open(f.path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            n += len(chunk)
+    return n

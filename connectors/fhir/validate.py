@@ -1,0 +1,125 @@
+"""Validation against fhir.resources' R4B models, and FHIR version detection.
+
+The fast path calls `unknown_elements` (a set difference against the R4B element names) on every resource of a
+type it maps, and only runs the pydantic models when something looks off. `--validate full` runs the models on
+every resource. Reasons name fields and error kinds, never values, so quarantine files carry no patient data.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import pydantic
+
+SUPPORTED_VERSION = "R4"
+
+
+@cache
+def _r4b_class(resource_type: str):
+    from fhir.resources.R4B import get_fhir_model_class
+    from fhir.resources.R4B.resource import Resource
+
+    try:
+        cls = get_fhir_model_class(resource_type)
+    except (ValueError, KeyError, ImportError, AttributeError):
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, Resource) else None
+
+
+@cache
+def _other_class(version: str, resource_type: str):
+    try:
+        if version == "R5":
+            from fhir.resources import get_fhir_model_class
+            from fhir.resources.resource import Resource
+        else:
+            from fhir.resources.STU3 import get_fhir_model_class
+            from fhir.resources.STU3.resource import Resource
+        cls = get_fhir_model_class(resource_type)
+    except (ValueError, KeyError, ImportError, AttributeError):
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, Resource) else None
+
+
+def is_r4_resource_type(resource_type: object) -> bool:
+    return isinstance(resource_type, str) and _r4b_class(resource_type) is not None
+
+
+def _element_names(cls) -> frozenset[str]:
+    names = {f.alias or n for n, f in cls.model_fields.items()}
+    names.discard("fhir_comments")
+    return frozenset(names | {"resourceType"})
+
+
+@cache
+def r4_elements(resource_type: str) -> frozenset[str]:
+    return _element_names(_r4b_class(resource_type))
+
+
+@cache
+def _other_elements(version: str, resource_type: str) -> frozenset[str]:
+    cls = _other_class(version, resource_type)
+    return _element_names(cls) if cls is not None else frozenset()
+
+
+def unknown_elements(resource: dict, resource_type: str) -> list[str]:
+    """Top-level keys that R4 does not define for this type (sorted, for stable reasons)."""
+    extra = resource.keys() - r4_elements(resource_type)
+    return sorted(extra) if extra else []
+
+
+def _format_errors(exc: pydantic.ValidationError, limit: int = 3) -> str:
+    parts = []
+    for err in exc.errors(include_input=False, include_url=False)[:limit]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "root") or "(resource)"
+        kind = err.get("type", "invalid")
+        parts.append(f"{loc}: {kind}")
+    more = exc.error_count() - limit
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)
+
+
+def detect_version(resource: dict) -> str | None:
+    """'R5' or 'STU3' when a resource that is not valid R4 reads as that version instead; else None."""
+    rtype = resource.get("resourceType")
+    if not isinstance(rtype, str):
+        return None
+    extra = resource.keys() - (r4_elements(rtype) if _r4b_class(rtype) else frozenset({"resourceType"}))
+    for version in ("R5", "STU3"):
+        cls = _other_class(version, rtype)
+        if cls is None:
+            continue
+        if _r4b_class(rtype) is None:
+            return version  # a resource type R4 does not have at all
+        if extra and extra <= _other_elements(version, rtype):
+            return version
+        try:
+            cls.model_validate(resource)
+        except (pydantic.ValidationError, ValueError, TypeError):
+            continue
+        return version
+    return None
+
+
+def validation_error(resource: dict) -> str | None:
+    """None if the resource is valid R4 (R4B models); else a reason naming fields, never values."""
+    rtype = resource.get("resourceType")
+    cls = _r4b_class(rtype) if isinstance(rtype, str) else None
+    if cls is None:
+        return f"resourceType {rtype!r} is not defined by FHIR R4" if isinstance(rtype, str) else "no resourceType"
+    try:
+        cls.model_validate(resource)
+    except pydantic.ValidationError as exc:
+        return f"invalid {rtype}: {_format_errors(exc)}"
+    except (ValueError, TypeError) as exc:
+        return f"invalid {rtype}: {type(exc).__name__}"
+    return None
+
+
+def version_reason(resource: dict, base: str) -> str:
+    """Prefix a rejection reason with the FHIR version found, when the resource reads as STU3 or R5."""
+    version = detect_version(resource)
+    if version is None:
+        return base
+    return f"unsupported FHIR version {version} (kit reads R4/R4B): {base}"

@@ -1,0 +1,295 @@
+"""Writing the event store: spilled event chunks -> sorted, deduplicated shards plus metadata.
+
+Determinism: shards, subjects and codes depend only on the input records. Rows sort by (subject_id, time,
+encounter-start first / end last, file, position, event index), a total order, and Parquet is written with fixed
+settings, so the same input gives byte-identical Parquet files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from connectors.fhir import extract, sources
+from connectors.fhir.extract import EventColumns, PatientRow
+from kit import __version__
+from kit.events import (
+    CODE_SCHEMA,
+    CODES_FILE,
+    DATA_DIR,
+    DATASET_FILE,
+    EVENT_SCHEMA,
+    QUARANTINE_FILE,
+    SUBJECT_SCHEMA,
+    SUBJECTS_FILE,
+)
+
+INTERNAL_SCHEMA: dict[str, pl.DataType] = {
+    **EVENT_SCHEMA,
+    "file_index": pl.Int32(),
+    "position": pl.Int64(),
+    "seq": pl.Int32(),
+    "updated": pl.Int64(),
+}
+REPORT_FILE = "metadata/ingest_report.json"
+PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 3, "write_statistics": True}
+ROW_GROUP_SIZE = 128_000
+# The exact Arrow types MEDS 0.4 checks (meds.DataSchema / CodeMetadataSchema); polars alone writes large_string.
+EVENT_ARROW = pa.schema(
+    [
+        ("subject_id", pa.int64()),
+        ("time", pa.timestamp("us")),
+        ("code", pa.string()),
+        ("numeric_value", pa.float32()),
+        ("text_value", pa.large_string()),
+        ("unit", pa.string()),
+        ("encounter_id", pa.string()),
+        ("source_type", pa.string()),
+        ("source_id", pa.string()),
+    ]
+)
+SUBJECT_ARROW = pa.schema(
+    [
+        ("subject_id", pa.int64()),
+        ("source_subject_id", pa.string()),
+        ("birth_time", pa.timestamp("us")),
+        ("sex", pa.string()),
+        ("death_time", pa.timestamp("us")),
+    ]
+)
+CODE_ARROW = pa.schema(
+    [
+        ("code", pa.string()),
+        ("description", pa.string()),
+        ("parent_codes", pa.list_(pa.string())),
+        ("vocabulary", pa.string()),
+    ]
+)
+
+
+def write_table(df: pl.DataFrame, path: Path, schema: pa.Schema) -> None:
+    """Parquet with fixed types and settings, so equal frames give byte-identical files."""
+    pq.write_table(df.to_arrow().cast(schema), path, row_group_size=ROW_GROUP_SIZE, **PARQUET_OPTIONS)
+
+
+def spill_events(cols: EventColumns, spill_dir: Path, task: int, chunk: int, n_buckets: int) -> list[str]:
+    """Write one chunk of events as one Parquet file per subject bucket; returns the paths."""
+    df = pl.DataFrame(
+        {name: getattr(cols, name) for name in INTERNAL_SCHEMA},
+        schema={**INTERNAL_SCHEMA, "time": pl.Int64()},
+        strict=False,
+    ).with_columns(pl.col("time").cast(pl.Datetime("us")))
+    paths = []
+    if n_buckets == 1:
+        parts = {0: df}
+    else:
+        df = df.with_columns((pl.col("subject_id") % n_buckets).alias("_bucket"))
+        parts = {k[0]: v.drop("_bucket") for k, v in df.partition_by("_bucket", as_dict=True).items()}
+    for bucket, part in sorted(parts.items()):
+        d = spill_dir / f"b{bucket:05d}"
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / f"t{task:06d}-{chunk:04d}.parquet"
+        part.write_parquet(p, compression="lz4", statistics=False)
+        paths.append(str(p))
+    return paths
+
+
+def _dedup(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Keep one copy per (resourceType, id): latest meta.lastUpdated, then latest in input order.
+
+    Returns the kept events and the dropped copies (one row per copy, for the quarantine file).
+    """
+    keys = ["source_type", "source_id"]
+    copies = df.select([*keys, "file_index", "position", "updated"]).unique(
+        subset=[*keys, "file_index", "position"], keep="first"
+    )
+    if copies.height == copies.select(keys).n_unique():
+        return df, copies.clear()
+    ranked = copies.sort(["updated", "file_index", "position"], nulls_last=False)
+    winners = ranked.group_by(keys, maintain_order=True).last()
+    kept = df.join(winners.select([*keys, "file_index", "position"]), on=[*keys, "file_index", "position"], how="semi")
+    losers = copies.join(
+        winners.select([*keys, "file_index", "position"]), on=[*keys, "file_index", "position"], how="anti"
+    ).join(winners.select([*keys, pl.col("file_index").alias("kept_file"), pl.col("position").alias("kept_pos")]), on=keys)
+    return kept, losers
+
+
+def _sorted_events(df: pl.DataFrame) -> pl.DataFrame:
+    rank = (
+        pl.when((pl.col("source_type") == "Encounter") & pl.col("code").str.ends_with("/START"))
+        .then(0)
+        .when((pl.col("source_type") == "Encounter") & pl.col("code").str.ends_with("/END"))
+        .then(2)
+        .otherwise(1)
+    )
+    return df.with_columns(rank.alias("_rank")).sort(
+        ["subject_id", "time", "_rank", "file_index", "position", "seq"], nulls_last=False
+    )
+
+
+def write_shards(
+    out: Path,
+    spill_dir: Path,
+    n_buckets: int,
+    known_subjects: pl.Series,
+    on_bucket: Callable[[], None] | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    """Merge each bucket's spills into data/shard-NNNNN.parquet. Returns code counts, dropped duplicates, stats."""
+    data = out / DATA_DIR
+    data.mkdir(parents=True, exist_ok=True)
+    code_counts = []
+    dropped = []
+    stats = {"events": 0, "shards": 0, "subjects_with_events": 0, "subjects_without_patient": 0,
+             "events_without_patient": 0}
+    for bucket in range(n_buckets):
+        files = sorted((spill_dir / f"b{bucket:05d}").glob("*.parquet"))
+        if on_bucket:
+            on_bucket()
+        if not files:
+            continue
+        df = pl.read_parquet(files, schema=None)
+        df, losers = _dedup(df)
+        if losers.height:
+            dropped.append(losers)
+        df = _sorted_events(df)
+        events = df.select(list(EVENT_SCHEMA))
+        write_table(events, data / f"shard-{stats['shards']:05d}.parquet", EVENT_ARROW)
+        code_counts.append(events.group_by("code").len())
+        stats["events"] += events.height
+        stats["subjects_with_events"] += events.select(pl.col("subject_id").n_unique()).item()
+        orphan = ~events["subject_id"].is_in(known_subjects.implode())
+        stats["events_without_patient"] += int(orphan.sum())
+        stats["subjects_without_patient"] += events.filter(orphan)["subject_id"].n_unique()
+        stats["shards"] += 1
+        del df, events
+        shutil.rmtree(spill_dir / f"b{bucket:05d}", ignore_errors=True)
+    counts = (
+        pl.concat(code_counts).group_by("code").agg(pl.col("len").sum().alias("events"))
+        if code_counts
+        else pl.DataFrame(schema={"code": pl.String(), "events": pl.UInt32()})
+    )
+    dropped_df = pl.concat(dropped) if dropped else pl.DataFrame()
+    return counts, dropped_df, stats
+
+
+def subjects_table(patients: list[PatientRow]) -> tuple[pl.DataFrame, int]:
+    """One row per Patient id, duplicates resolved by the same rule as events. Returns (table, copies dropped)."""
+    best: dict[str, PatientRow] = {}
+    dropped = 0
+    for p in patients:
+        cur = best.get(p.source_subject_id)
+        if cur is None:
+            best[p.source_subject_id] = p
+            continue
+        dropped += 1
+        rank_new = (p.updated is not None, p.updated or 0, p.file_index, p.position)
+        rank_cur = (cur.updated is not None, cur.updated or 0, cur.file_index, cur.position)
+        if rank_new > rank_cur:
+            best[p.source_subject_id] = p
+    from kit.events import subject_id_for
+
+    rows = sorted(best.values(), key=lambda p: subject_id_for(p.source_subject_id))
+    df = pl.DataFrame(
+        {
+            "subject_id": [subject_id_for(p.source_subject_id) for p in rows],
+            "source_subject_id": [p.source_subject_id for p in rows],
+            "birth_time": [p.birth_time for p in rows],
+            "sex": [p.sex for p in rows],
+            "death_time": [p.death_time for p in rows],
+        },
+        schema={**SUBJECT_SCHEMA, "birth_time": pl.Int64(), "death_time": pl.Int64()},
+    ).with_columns(pl.col("birth_time").cast(pl.Datetime("us")), pl.col("death_time").cast(pl.Datetime("us")))
+    return df, dropped
+
+
+def _vocabulary(code: str) -> str:
+    if "|" in code:
+        return code.split("|", 1)[0]  # token form keeps the system URL; "UNKNOWN" when there was none
+    return code.split("/", 1)[0]
+
+
+def _coined_description(code: str, described: dict[str, str]) -> str | None:
+    if code in extract.SYNTHETIC_DESCRIPTIONS:
+        return extract.SYNTHETIC_DESCRIPTIONS[code]
+    parts = code.split("/")
+    if parts[0] == "ENCOUNTER" and len(parts) == 3:
+        return f"Encounter {parts[2].lower()} ({parts[1].lower()})"
+    if parts[0] == "RESOLVED":
+        inner = code.split("/", 1)[1]
+        return f"Resolved: {described.get(inner, inner)}"
+    if parts[0] == "EOB" and len(parts) == 3 and parts[1] == "OUTCOME":
+        return f"Explanation of benefit outcome: {parts[2]}"
+    if parts[0] == "GENDER":
+        return f"Administrative gender: {parts[1]}"
+    return None
+
+
+def codes_table(code_counts: pl.DataFrame, descriptions: dict[str, str]) -> pl.DataFrame:
+    codes = sorted(code_counts["code"].to_list())
+    desc = [descriptions.get(c) or _coined_description(c, descriptions) for c in codes]
+    return pl.DataFrame(
+        {
+            "code": codes,
+            "description": desc,
+            "parent_codes": [None] * len(codes),
+            "vocabulary": [_vocabulary(c) for c in codes],
+        },
+        schema=CODE_SCHEMA,
+    )
+
+
+def write_quarantine(out: Path, task_files: list[str | None], dropped: pl.DataFrame, kinds, names) -> int:
+    """Concatenate the tasks' quarantine files in task order, then the dropped duplicate copies."""
+    n = 0
+    with open(out / QUARANTINE_FILE, "wb") as fh:
+        for q in task_files:
+            if q is None:
+                continue
+            with open(q, "rb") as src:
+                for line in src:
+                    fh.write(line)
+                    n += 1
+        if dropped.height:
+            dropped = dropped.sort(["file_index", "position", "source_type", "source_id"])
+            for row in dropped.iter_rows(named=True):
+                fi, kf = row["file_index"], row["kept_file"]
+                kept_at = f"{names[kf]}, {sources.position_label(kinds[kf], row['kept_pos'])}"
+                rec = {
+                    "file": names[fi],
+                    "position": sources.position_label(kinds[fi], row["position"]),
+                    "resource_type": row["source_type"],
+                    "resource_id": row["source_id"],
+                    "reason": f"duplicate resource id; kept the copy at {kept_at} (latest meta.lastUpdated, "
+                    "then last in input order)",
+                }
+                fh.write(orjson.dumps(rec) + b"\n")
+                n += 1
+    return n
+
+
+def write_metadata(out: Path, name: str, subjects: pl.DataFrame, codes: pl.DataFrame, report: dict) -> None:
+    import meds
+
+    (out / "metadata").mkdir(parents=True, exist_ok=True)
+    write_table(subjects, out / SUBJECTS_FILE, SUBJECT_ARROW)
+    write_table(codes, out / CODES_FILE, CODE_ARROW)
+    dataset = {
+        "dataset_name": name,
+        "dataset_version": report.get("input_fingerprint"),
+        "etl_name": "kit ingest fhir",
+        "etl_version": __version__,
+        "meds_version": meds.__version__,
+        "created_at": dt.datetime.now(dt.timezone.utc).replace(tzinfo=None).isoformat(),
+        "raw_source_id_columns": ["source_type", "source_id", "encounter_id"],
+        "code_modifier_columns": ["unit"],
+    }
+    (out / DATASET_FILE).write_text(json.dumps(dataset, indent=2) + "\n")
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
