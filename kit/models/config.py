@@ -75,7 +75,9 @@ def _attention_heads(hidden_size: int, size: str | None) -> int:
     return max(1, hidden_size // 64)
 
 
-def matched_llama_intermediate_size(hidden_size: int, state_size: int = 16, expand: int = 2, conv_kernel: int = 4) -> int:
+def matched_llama_intermediate_size(
+    hidden_size: int, state_size: int = 16, expand: int = 2, conv_kernel: int = 4
+) -> int:
     """Llama MLP width giving a layer the parameter count of a Mamba layer of the same hidden size ("same size")."""
     inner, rank = expand * hidden_size, -(-hidden_size // 16)
     mamba_layer = (
@@ -104,7 +106,7 @@ class InputsConfig:
 
 @dataclass
 class TaskSpec:
-    """A prediction task read at its task token: binary -> 1 logit, multiclass -> K, multilabel -> K, regression -> 1."""
+    """A task read at its task token: binary -> 1 logit, multiclass -> K, multilabel -> K, regression -> 1."""
 
     name: str
     type: TaskType
