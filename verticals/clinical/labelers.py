@@ -316,6 +316,7 @@ def choose_condition_codes(train_events: pl.LazyFrame, rule: NewConditionRule) -
     return (
         table.filter(
             (pl.col("resolved_fraction") <= rule.max_resolved_fraction)
+            & (pl.col("n_onsets") / pl.col("n_subjects") <= rule.max_onsets_per_subject)
             & (pl.col("n_subjects") >= rule.min_subjects)
             & ~pl.col("code").is_in(rule.exclude_codes)
         )

@@ -89,7 +89,8 @@ class NewConditionRule(_Strict):
     """Multilabel: each chosen chronic condition first diagnosed inside the window.
 
     The conditions are the `top_k` most frequent (by train-split subjects) condition codes that are rarely resolved
-    (at most `max_resolved_fraction` of onsets have a later RESOLVED/ event), unless `codes` lists them.
+    (at most `max_resolved_fraction` of onsets have a later RESOLVED/ event) and diagnosed about once per subject
+    (at most `max_onsets_per_subject` onsets per subject on average), unless `codes` lists them.
     A condition already diagnosed before the prediction time is not at risk: masked out (label_mask 0).
     """
 
@@ -97,6 +98,9 @@ class NewConditionRule(_Strict):
     top_k: int = Field(8, ge=1, le=256)
     min_subjects: int = Field(5, ge=1)
     max_resolved_fraction: float = Field(0.1, ge=0, le=1)
+    max_onsets_per_subject: float = Field(
+        1.1, ge=1, description="A chronic condition is diagnosed once; recurring episodes (e.g. miscarriage) are not."
+    )
     codes: list[str] | None = None
     exclude_codes: list[str] = Field(default_factory=list)
 
