@@ -1,0 +1,229 @@
+"""Triton kernels behind ``scan_triton``. Loaded lazily, once per interpreter mode (see scan_triton._kernels).
+
+Layout: one program per (block of BLOCK_D channels, batch row), walking the sequence in chunks of T steps.
+Each chunk is a (BLOCK_D, T, N) tile scanned in parallel along T with an associative scan over the affine
+maps h -> a h + x; the state between chunks stays in registers. The forward writes y, the last state and
+(for the backward) the state at each chunk start. The backward walks the chunks right to left, recomputes
+the chunk's states from its saved start state, and runs a reverse associative scan for the adjoint, so no
+(B, D, L, N) tensor ever reaches memory.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton import knobs
+
+LOG2E = 1.4426950408889634
+
+
+def _configs() -> list[triton.Config]:
+    if knobs.runtime.interpret:
+        return [triton.Config({"BLOCK_D": 4}, num_warps=1)]
+    shapes = [(2, 2), (4, 2), (4, 4), (8, 4), (8, 8), (16, 8)]
+    return [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s) for bd, w in shapes for s in (1, 2)]
+
+
+@triton.jit
+def _affine(a1, x1, a2, x2):
+    # Compose h -> a1 h + x1 then h -> a2 h + x2.
+    return a1 * a2, a2 * x1 + x2
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+
+@triton.autotune(configs=_configs(), key=["dim", "length", "dstate", "T"])
+@triton.jit
+def scan_fwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+    y_ptr, states_ptr, last_ptr,
+    dim, length, dstate, hdim, nchunks,
+    s_bb, s_bg, s_bn,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr, GROUPED: tl.constexpr,
+    T: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, NP)
+    offs_t = tl.arange(0, T)
+    mask_d = offs_d < dim
+    mask_n = offs_n < dstate
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    A = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32) * LOG2E
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    row = (pid_b * dim + offs_d).to(tl.int64) * length
+    st = (pid_b * dim + offs_d).to(tl.int64)[:, None] * dstate + offs_n[None, :]
+    st_chunks = (pid_b * dim + offs_d).to(tl.int64)[:, None] * (nchunks * dstate) + offs_n[None, :]
+    if GROUPED:
+        bc = pid_b * s_bb + (offs_d // hdim)[:, None, None] * s_bg + offs_n[None, None, :] * s_bn
+    else:
+        bc = pid_b * s_bb + offs_n[None, :] * s_bn
+    if HAS_H0:
+        h = tl.load(h0_ptr + st, mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
+    for c in range(nchunks):
+        t = c * T + offs_t
+        mask_t = t < length
+        m2 = mask_d[:, None] & mask_t[None, :]
+        if STORE_STATES:
+            tl.store(states_ptr + st_chunks + c * dstate, h, mask=mask_dn)
+        dt = tl.load(dt_ptr + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt += bias[:, None]
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(m2, dt, 0.0)  # padded steps leave the state untouched
+        u = tl.load(u_ptr + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
+        if GROUPED:
+            m3 = mask_d[:, None, None] & mask_t[None, :, None] & mask_n[None, None, :]
+            Bt = tl.load(B_ptr + bc + t[None, :, None], mask=m3, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + bc + t[None, :, None], mask=m3, other=0.0).to(tl.float32)
+        else:
+            m3 = mask_t[:, None] & mask_n[None, :]
+            Bt = tl.load(B_ptr + bc + t[:, None], mask=m3, other=0.0).to(tl.float32)[None, :, :]
+            Ct = tl.load(C_ptr + bc + t[:, None], mask=m3, other=0.0).to(tl.float32)[None, :, :]
+        a = tl.exp2(dt[:, :, None] * A[:, None, :])
+        x = (dt * u)[:, :, None] * Bt
+        acum, hloc = tl.associative_scan((a, x), 1, _affine)
+        hs = hloc + acum * h[:, None, :]
+        y = tl.sum(hs * Ct, axis=2)
+        if HAS_D:
+            y += u * Dv[:, None]
+        if HAS_Z:
+            z = tl.load(z_ptr + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
+            y = y * z * tl.sigmoid(z)
+        tl.store(y_ptr + row[:, None] + t[None, :], y.to(y_ptr.dtype.element_ty), mask=m2)
+        h = tl.sum(tl.where(offs_t[None, :, None] == T - 1, hs, 0.0), axis=1)
+    tl.store(last_ptr + st, h, mask=mask_dn)
+
+
+@triton.autotune(configs=_configs(), key=["dim", "length", "dstate", "T"], reset_to_zero=["dB_ptr", "dC_ptr"])
+@triton.jit
+def scan_bwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dy_ptr, dlast_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+    dim, length, dstate, hdim, nchunks,
+    s_bb, s_bg, s_bn,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_DLAST: tl.constexpr, GROUPED: tl.constexpr,
+    T: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, NP)
+    offs_t = tl.arange(0, T)
+    mask_d = offs_d < dim
+    mask_n = offs_n < dstate
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    A_nat = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    A = A_nat * LOG2E
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    row = (pid_b * dim + offs_d).to(tl.int64) * length
+    st = (pid_b * dim + offs_d).to(tl.int64)[:, None] * dstate + offs_n[None, :]
+    st_chunks = (pid_b * dim + offs_d).to(tl.int64)[:, None] * (nchunks * dstate) + offs_n[None, :]
+    if GROUPED:
+        bc = pid_b * s_bb + (offs_d // hdim)[:, None, None] * s_bg + offs_n[None, None, :] * s_bn
+    else:
+        bc = pid_b * s_bb + offs_n[None, :] * s_bn
+    if HAS_DLAST:
+        g = tl.load(dlast_ptr + st, mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        g = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
+    dA_acc = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for ci in range(nchunks):
+        c = nchunks - 1 - ci
+        t = c * T + offs_t
+        mask_t = t < length
+        m2 = mask_d[:, None] & mask_t[None, :]
+        # dt at t and at t + 1 (the decay that carries the adjoint from t + 1 back to t).
+        dt_pre = tl.load(dt_ptr + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
+        m_next = mask_d[:, None] & ((offs_t + 1 < T) & (t + 1 < length))[None, :]
+        dtn = tl.load(dt_ptr + row[:, None] + t[None, :] + 1, mask=m_next, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt_pre += bias[:, None]
+            dtn += bias[:, None]
+        if SOFTPLUS:
+            dt = _softplus(dt_pre)
+            dtn = _softplus(dtn)
+        else:
+            dt = dt_pre
+        dt = tl.where(m2, dt, 0.0)
+        dtn = tl.where(m_next, dtn, 0.0)
+        u = tl.load(u_ptr + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
+        if GROUPED:
+            m3 = mask_d[:, None, None] & mask_t[None, :, None] & mask_n[None, None, :]
+            Bt = tl.load(B_ptr + bc + t[None, :, None], mask=m3, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + bc + t[None, :, None], mask=m3, other=0.0).to(tl.float32)
+        else:
+            m3 = mask_t[:, None] & mask_n[None, :]
+            Bt = tl.load(B_ptr + bc + t[:, None], mask=m3, other=0.0).to(tl.float32)[None, :, :]
+            Ct = tl.load(C_ptr + bc + t[:, None], mask=m3, other=0.0).to(tl.float32)[None, :, :]
+        h_start = tl.load(states_ptr + st_chunks + c * dstate, mask=mask_dn, other=0.0)
+        # Recompute this chunk's states.
+        a = tl.exp2(dt[:, :, None] * A[:, None, :])
+        dtu = dt * u
+        x = dtu[:, :, None] * Bt
+        acum, hloc = tl.associative_scan((a, x), 1, _affine)
+        hs = hloc + acum * h_start[:, None, :]
+        # Output epilogue: y = (C.h + D u) * silu(z).
+        if HAS_Z:
+            z = tl.load(z_ptr + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
+            sz = tl.sigmoid(z)
+            y_core = tl.sum(hs * Ct, axis=2)
+            if HAS_D:
+                y_core += u * Dv[:, None]
+            dz = dy * y_core * sz * (1.0 + z * (1.0 - sz))
+            tl.store(dz_ptr + row[:, None] + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m2)
+            dy = dy * z * sz
+        if HAS_D:
+            dD_acc += tl.sum(dy * u, axis=1)
+            du = dy * Dv[:, None]
+        else:
+            du = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+        # Adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}; the adjoint from later chunks enters at the last step.
+        cvec = dy[:, :, None] * Ct + tl.where(offs_t[None, :, None] == T - 1, g[:, None, :], 0.0)
+        an = tl.exp2(dtn[:, :, None] * A[:, None, :])
+        _, gs = tl.associative_scan((an, cvec), 1, _affine, reverse=True)
+        ddtu = tl.sum(gs * Bt, axis=2)
+        s = gs * (hs - x)  # dL/d(dt A) = g_t a_t h_{t-1}
+        ddt = tl.sum(s * A_nat[:, None, :], axis=2) + ddtu * u
+        dA_acc += tl.sum(s * dt[:, :, None], axis=1)
+        du += ddtu * dt
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(dt_pre)
+        ddt = tl.where(m2, ddt, 0.0)
+        if HAS_BIAS:
+            dbias_acc += tl.sum(ddt, axis=1)
+        tl.store(du_ptr + row[:, None] + t[None, :], du.to(du_ptr.dtype.element_ty), mask=m2)
+        tl.store(ddt_ptr + row[:, None] + t[None, :], ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
+        dBv = gs * dtu[:, :, None]
+        dCv = hs * dy[:, :, None]
+        if GROUPED:
+            tl.atomic_add(dB_ptr + bc + t[None, :, None], dBv, mask=m3)
+            tl.atomic_add(dC_ptr + bc + t[None, :, None], dCv, mask=m3)
+        else:
+            tl.atomic_add(dB_ptr + bc + t[:, None], tl.sum(dBv, axis=0), mask=m3)
+            tl.atomic_add(dC_ptr + bc + t[:, None], tl.sum(dCv, axis=0), mask=m3)
+        g = tl.sum(tl.where(offs_t[None, :, None] == 0, a * gs, 0.0), axis=1)
+    tl.store(dA_ptr + st, dA_acc, mask=mask_dn)
+    tl.store(dh0_ptr + st, g, mask=mask_dn)
+    if HAS_D:
+        tl.store(dD_ptr + pid_b * dim + offs_d, dD_acc, mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + pid_b * dim + offs_d, dbias_acc, mask=mask_d)
