@@ -11,7 +11,7 @@ import base64
 import binascii
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from kit.events import BIRTH_CODE, DEATH_CODE, subject_id_for
@@ -64,31 +64,42 @@ class Unmappable(Exception):
     """A resource the fast path cannot turn into events; the message is the quarantine reason."""
 
 
-@dataclass
-class EventColumns:
-    """Column lists for event rows; polars builds a frame from these far faster than from row dicts."""
-
-    subject_id: list = field(default_factory=list)
-    time: list = field(default_factory=list)
-    code: list = field(default_factory=list)
-    numeric_value: list = field(default_factory=list)
-    text_value: list = field(default_factory=list)
-    unit: list = field(default_factory=list)
-    encounter_id: list = field(default_factory=list)
-    source_type: list = field(default_factory=list)
-    source_id: list = field(default_factory=list)
+EVENT_FIELDS = (
+    "subject_id",
+    "time",
+    "code",
+    "numeric_value",
+    "text_value",
+    "unit",
+    "encounter_id",
+    "source_type",
+    "source_id",
     # Internal: which input record an event came from, for dedup and a total, deterministic sort order.
-    file_index: list = field(default_factory=list)
-    position: list = field(default_factory=list)
-    seq: list = field(default_factory=list)
-    updated: list = field(default_factory=list)
+    "file_index",
+    "position",
+    "seq",
+    "updated",
+)
+
+
+class EventColumns:
+    """Event rows as tuples in EVENT_FIELDS order; `columns()` transposes them for a polars frame."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self) -> None:
+        self.rows: list[tuple] = []
 
     def __len__(self) -> int:
-        return len(self.code)
+        return len(self.rows)
 
     def truncate(self, n: int) -> None:
-        for v in vars(self).values():
-            del v[n:]
+        del self.rows[n:]
+
+    def columns(self) -> dict[str, list]:
+        if not self.rows:
+            return {name: [] for name in EVENT_FIELDS}
+        return {name: list(col) for name, col in zip(EVENT_FIELDS, zip(*self.rows))}
 
 
 @dataclass
@@ -265,20 +276,11 @@ class Emitter:
         self.seq = 0
 
     def __call__(self, subject, time, code, numeric=None, text=None, unit=None, encounter=None) -> None:
-        c = self.cols
-        c.subject_id.append(subject)
-        c.time.append(time)
-        c.code.append(code)
-        c.numeric_value.append(numeric)
-        c.text_value.append(text)
-        c.unit.append(unit)
-        c.encounter_id.append(encounter)
-        c.source_type.append(self.rtype)
-        c.source_id.append(self.rid)
-        c.file_index.append(self.ctx.file_index)
-        c.position.append(self.ctx.position)
-        c.seq.append(self.seq)
-        c.updated.append(self.updated)
+        ctx = self.ctx
+        self.cols.rows.append(
+            (subject, time, code, numeric, text, unit, encounter, self.rtype, self.rid,
+             ctx.file_index, ctx.position, self.seq, self.updated)
+        )
         self.seq += 1
 
     def rollback(self) -> None:

@@ -36,6 +36,13 @@ INGESTED, REJECTED, NOT_USED = "ingested", "rejected", "not used"
 class RecordRejected(Exception):
     """Raised in `--on-error fail` mode at the first rejected record; the message names file, record, reason."""
 
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message, reason)
+        self.message, self.reason = message, reason
+
+    def __str__(self) -> str:
+        return self.message
+
 
 @dataclass(frozen=True)
 class IngestOptions:
@@ -95,7 +102,7 @@ class _TaskRun:
         rid = rid if isinstance(rid, str) else None
         where = sources.position_label(kind, pos)
         if self.task.fail_fast:
-            raise RecordRejected(f"{name}, {where}: {reason}" + (f" ({rtype}/{rid})" if rid else ""))
+            raise RecordRejected(f"{name}, {where}: {reason}" + (f" ({rtype}/{rid})" if rid else ""), reason)
         self.result.counts[(rtype or "(not a resource)", REJECTED)] += 1
         if self.qfh is None:
             self.qfh = open(self.qpath, "wb")
@@ -206,6 +213,33 @@ def run_task(task: Task) -> TaskResult:
         if run.qfh is not None and not run.qfh.closed:
             run.qfh.close()
     return run.finish()
+
+
+def resource_events(
+    resource: object,
+    *,
+    refs: dict[str, str] | None = None,
+    medications: dict | None = None,
+    validate_full: bool = False,
+):
+    """One resource through exactly the ingest path: (outcome, events frame, rejection reason).
+
+    `outcome` is "ingested", "rejected" or "not used"; for tests and for checking a single record by hand.
+    """
+    import tempfile
+
+    from connectors.fhir.writer import events_frame
+    from kit.events import EVENT_SCHEMA
+
+    with tempfile.TemporaryDirectory() as d:
+        run = _TaskRun(Task(0, (), d, 1, medications or {}, validate_full, True))
+        ctx = ResourceContext(0, 0, refs or {}, run.medications, run.result.descriptions)
+        try:
+            run.resource(resource, ctx, "<resource>", "json")
+        except RecordRejected as exc:
+            return REJECTED, events_frame(EventColumns()).select(list(EVENT_SCHEMA)), exc.reason
+        outcome = INGESTED if any(o == INGESTED for _, o in run.result.counts) else NOT_USED
+        return outcome, events_frame(run.cols).select(list(EVENT_SCHEMA)), None
 
 
 def _worker_init() -> None:

@@ -80,13 +80,18 @@ def write_table(df: pl.DataFrame, path: Path, schema: pa.Schema) -> None:
     pq.write_table(df.to_arrow().cast(schema), path, row_group_size=ROW_GROUP_SIZE, **PARQUET_OPTIONS)
 
 
-def spill_events(cols: EventColumns, spill_dir: Path, task: int, chunk: int, n_buckets: int) -> list[str]:
-    """Write one chunk of events as one Parquet file per subject bucket; returns the paths."""
-    df = pl.DataFrame(
-        {name: getattr(cols, name) for name in INTERNAL_SCHEMA},
+def events_frame(cols: EventColumns) -> pl.DataFrame:
+    """Event rows (with the internal provenance columns) as a typed frame."""
+    return pl.DataFrame(
+        cols.columns(),
         schema={**INTERNAL_SCHEMA, "time": pl.Int64()},
         strict=False,
     ).with_columns(pl.col("time").cast(pl.Datetime("us")))
+
+
+def spill_events(cols: EventColumns, spill_dir: Path, task: int, chunk: int, n_buckets: int) -> list[str]:
+    """Write one chunk of events as one Parquet file per subject bucket; returns the paths."""
+    df = events_frame(cols)
     paths = []
     if n_buckets == 1:
         parts = {0: df}
