@@ -131,9 +131,9 @@ def run_ingest(
         code_counts, dropped, stats = writer.write_shards(
             tmp, spill, n_buckets, subjects["subject_id"], on_bucket=lambda: progress.advance(shard_task)
         )
-        shutil.rmtree(spill, ignore_errors=True)
         codes = writer.codes_table(code_counts, descriptions)
         quarantined = writer.write_quarantine(tmp, [r.quarantine for r in results], dropped, kinds, names)
+        shutil.rmtree(spill, ignore_errors=True)
         duplicates = dropped.height if dropped.height else 0
         report = {
             "inputs": [{"file": n, "bytes": f.size} for n, f in zip(names, files)],

@@ -24,6 +24,7 @@ NDJSON_SUFFIXES = (".ndjson", ".ndjson.gz", ".jsonl", ".jsonl.gz")
 EXPORT_LOG_NAMES = frozenset({"log.ndjson", "log.ndjson.gz"})
 # An NDJSON line that holds a Bundle: its entries get positions line << ENTRY_BITS | entry.
 ENTRY_BITS = 20
+FILE_POSITION = -2  # a whole file that could not be read
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,8 @@ def discover(paths: list[Path]) -> Discovery:
 
 
 def position_label(kind: str, position: int) -> str:
+    if position == FILE_POSITION:
+        return "file"
     if kind == "json":
         return "resource" if position < 0 else f"entry {position}"
     if position >= 1 << ENTRY_BITS:
@@ -158,13 +161,13 @@ def iter_records(f: InputFile, nbytes: list[int] | None = None) -> Iterator[RawR
             with _open(f.path) as fh:
                 raw = fh.read()
         except (OSError, EOFError, zlib.error) as exc:
-            yield RawRecord(-1, None, _read_error(exc))
+            yield RawRecord(FILE_POSITION, None, _read_error(exc))
             return
         nbytes[0] += len(raw)
         try:
             doc = orjson.loads(raw.removeprefix(b"\xef\xbb\xbf"))
         except orjson.JSONDecodeError as exc:
-            yield RawRecord(-1, None, _json_error(exc))
+            yield RawRecord(FILE_POSITION, None, _json_error(exc))
             return
         del raw
         if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
