@@ -24,7 +24,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from kit.errors import KitError
@@ -322,17 +324,26 @@ class Tokenizer:
         return [self.vocab[i] if 0 <= i < len(self.vocab) else UNK for i in ids]
 
 
+def _lists(values: pl.Series, offsets: np.ndarray) -> pl.Series:
+    """A list column from flat values and int64 offsets (Arrow builds it without copying per row)."""
+    arr = values.to_arrow()
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    return pl.Series(values.name, pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), arr))
+
+
 def windows(tokens: pl.DataFrame, samples: pl.DataFrame, max_len: int) -> pl.DataFrame:
     """Attach to each sample (subject_id, prediction_time, ...) its tokens strictly before the prediction time.
 
     Left truncation keeps `[CLS]` and the static tokens, then the most recent history, to at most `max_len` tokens.
     Visit ids are renumbered so the first visit inside the window is 1. Adds list columns input_ids, token_time,
     token_age, token_type, token_visit and the int n_tokens; samples with no token before their time get n_tokens 0.
+    `tokens` must be in `encode` order (sorted by subject, then reading order).
     """
     tok = tokens.with_row_index("_g").with_columns(pl.col("_g").cast(pl.Int64))
     first = tok.group_by("subject_id").agg(
         pl.col("_g").min().alias("_first"),
-        (pl.col("type") == TOKEN_TYPES["special"]).or_(pl.col("type") == TOKEN_TYPES["static"]).sum().alias("_n_prefix"),
+        pl.col("type").is_in([TOKEN_TYPES["special"], TOKEN_TYPES["static"]]).sum().alias("_n_prefix"),
     )
     s = samples.with_row_index("_sample").sort("prediction_time")
     s = s.join_asof(
@@ -345,37 +356,36 @@ def windows(tokens: pl.DataFrame, samples: pl.DataFrame, max_len: int) -> pl.Dat
         check_sortedness=False,
     ).drop("time")
     s = s.join(first, on="subject_id", how="left").sort("_sample")
-    end = (pl.col("_g") + 1 - pl.col("_first")).fill_null(0)  # tokens before the prediction time
-    prefix = pl.col("_n_prefix").cast(pl.Int64).clip(upper_bound=max_len // 2)
-    s = s.with_columns(end.alias("_end")).with_columns(
-        pl.when(pl.col("_end") <= max_len).then(0).otherwise(prefix).alias("_p_len"),
-    ).with_columns(
-        pl.when(pl.col("_end") <= max_len).then(0).otherwise(pl.col("_end") - (max_len - pl.col("_p_len"))).alias("_w_start"),
-        pl.min_horizontal("_end", pl.lit(max_len) - pl.col("_p_len")).alias("_w_len"),
-    )
-    base = pl.col("_first").fill_null(0)
-    s = s.with_columns(
-        pl.concat_list(
-            pl.int_ranges(base, base + pl.col("_p_len")),
-            pl.int_ranges(base + pl.col("_w_start"), base + pl.col("_w_start") + pl.col("_w_len")),
-        ).alias("_idx")
-    )
-    flat = s.select("_sample", "_idx").explode("_idx").drop_nulls("_idx")
-    picked = flat.join(tok.select("_g", "token_id", "time", "age", "type", "visit"), left_on="_idx", right_on="_g", how="left", maintain_order="left")
-    lists = picked.group_by("_sample", maintain_order=True).agg(
-        pl.col("token_id").alias("input_ids"),
-        pl.col("time").alias("token_time"),
-        pl.col("age").alias("token_age"),
-        pl.col("type").alias("token_type"),
-        pl.col("visit").alias("token_visit"),
-    )
-    renumber = pl.when(pl.element() > 0).then(pl.element() - pl.element().filter(pl.element() > 0).min() + 1).otherwise(0)
-    out = (
-        s.join(lists, on="_sample", how="left", maintain_order="left")
-        .with_columns(
-            pl.col("token_visit").list.eval(renumber),
-            pl.col("input_ids").list.len().fill_null(0).cast(pl.Int32).alias("n_tokens"),
-        )
-        .drop("_sample", "_g", "_first", "_n_prefix", "_end", "_p_len", "_w_start", "_w_len", "_idx")
+    # end = how many of the subject's tokens are strictly before the prediction time
+    end = (s.get_column("_g") + 1 - s.get_column("_first")).fill_null(0).to_numpy().astype(np.int64)
+    base = s.get_column("_first").fill_null(0).to_numpy().astype(np.int64)
+    n_prefix = np.minimum(s.get_column("_n_prefix").fill_null(0).to_numpy().astype(np.int64), max_len // 2)
+    truncated = end > max_len
+    p_len = np.where(truncated, n_prefix, 0)
+    w_len = np.minimum(end, max_len - p_len)
+    w_start = base + end - w_len
+    lengths = p_len + w_len
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    # Flat token indices: for each sample its prefix range then its window range.
+    seg_start = np.repeat(np.stack([base, w_start], 1).reshape(-1), np.stack([p_len, w_len], 1).reshape(-1))
+    seg_len = np.stack([p_len, w_len], 1).reshape(-1)
+    seg_off = np.repeat(np.cumsum(seg_len) - seg_len, seg_len)
+    flat = seg_start + (np.arange(seg_len.sum(), dtype=np.int64) - seg_off)
+    picked = tok.select("token_id", "time", "age", "type", "visit")[pl.Series(flat)]
+    visit = picked.get_column("visit").to_numpy().astype(np.int32)
+    big = np.where(visit > 0, visit, np.iinfo(np.int32).max)
+    nonempty = lengths > 0
+    mins = np.full(len(lengths), 1, dtype=np.int64)
+    if nonempty.any():
+        mins[nonempty] = np.minimum.reduceat(big, offsets[:-1][nonempty])
+    renumbered = np.where(visit > 0, visit - np.repeat(mins, lengths) + 1, 0).astype(np.int32)
+    out = s.drop("_sample", "_g", "_first", "_n_prefix").with_columns(
+        _lists(picked.get_column("token_id").alias("input_ids"), offsets),
+        _lists(picked.get_column("time").alias("token_time"), offsets),
+        _lists(picked.get_column("age").alias("token_age"), offsets),
+        _lists(picked.get_column("type").alias("token_type"), offsets),
+        _lists(pl.Series("token_visit", renumbered), offsets),
+        pl.Series("n_tokens", lengths.astype(np.int32)),
     )
     return out

@@ -254,3 +254,11 @@ def test_cli_build_show_and_tiny_cohort_warning(synthea_events, tmp_path):
     bad = subprocess.run(cmd[:-2] + ["--set", "splits.train=0.5"], capture_output=True, text=True, cwd=REPO,
                          env=ENV)
     assert bad.returncode == 2 and "splits" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_is_up_to_date_tracks_config_and_events(dataset, synthea_events):
+    from kit.datasets.build import is_up_to_date
+
+    assert is_up_to_date(dataset, synthea_events, "clinical", load_config(None, OVERRIDES))
+    assert not is_up_to_date(dataset, synthea_events, "clinical", load_config(None, OVERRIDES + ["mixing.temperature=3"]))
+    assert not is_up_to_date(dataset.parent / "nothing-here", synthea_events, "clinical", load_config(None, OVERRIDES))

@@ -27,7 +27,7 @@ from kit.datasets.mixing import mixing_weights
 from kit.datasets.splits import SPLITS, assign_splits
 from kit.datasets.tasks import PreparedTask, TaskInfo
 from kit.errors import KitError
-from kit.events import read_codes, read_subjects, scan_events
+from kit.events import read_codes, read_dataset_metadata, read_subjects, scan_events
 from kit.fsutil import atomic_dir
 from kit.tokenizer import Tokenizer, windows
 
@@ -172,6 +172,31 @@ def _finish_counts(acc: dict[str, Any], info: TaskInfo) -> dict[str, Any]:
     return out
 
 
+def _events_version(events_dir: Path) -> str | None:
+    """The event store's own fingerprint (MEDS dataset_version), so a rebuild can tell when its input changed."""
+    try:
+        return read_dataset_metadata(events_dir).get("dataset_version")
+    except KitError:
+        return None
+
+
+def is_up_to_date(out_dir: Path | str, events_dir: Path | str, vertical_name: str, config: DatasetConfig) -> bool:
+    """True when `out_dir` holds a dataset built from this event store version with this config and these task specs."""
+    try:
+        m = read_manifest(out_dir)
+    except KitError:
+        return False
+    vertical = registry.vertical(vertical_name)
+    specs = vertical.load_tasks(config.tasks, config.task_files)
+    spec_hash = _sha([s.model_dump(mode="json") if hasattr(s, "model_dump") else s for s in specs])
+    return (
+        m.get("vertical") == vertical_name
+        and m.get("events_version") == _events_version(Path(events_dir))
+        and m.get("events_dir") == str(Path(events_dir).resolve())
+        and m.get("config_hash") == _sha({"config": config.model_dump(mode="json"), "tasks": spec_hash})
+    )
+
+
 def build_dataset(
     vertical_name: str,
     events_dir: Path | str,
@@ -217,19 +242,15 @@ def build_dataset(
             subj = subjects.filter(pl.col("subject_id").is_in(chunk_series.implode()))
             split_of = split_table.filter(pl.col("subject_id").is_in(chunk_series.implode()))
             tokens = tokenizer.encode(ev, subj)
+            shared: dict = {}
             for task, info in zip(tasks, infos):
-                labeled = task.label(ev, subj).join(split_of, on="subject_id", how="left")
-                ok = labeled.filter(pl.col("status") == "ok")
-                rows = windows(tokens, ok, max_len)
-                no_hist = rows.filter(pl.col("n_tokens") == 0)
-                if no_hist.height:
+                labeled = task.label(ev, subj, shared).join(split_of, on="subject_id", how="left", maintain_order="left")
+                labeled = labeled.with_row_index("_lr")
+                rows = windows(tokens, labeled.filter(pl.col("status") == "ok"), max_len)
+                no_hist = rows.filter(pl.col("n_tokens") == 0).get_column("_lr")
+                if no_hist.len():
                     labeled = labeled.with_columns(
-                        pl.when(
-                            (pl.col("status") == "ok")
-                            & pl.struct("subject_id", "prediction_time").is_in(
-                                no_hist.select(pl.struct("subject_id", "prediction_time")).to_series().implode()
-                            )
-                        )
+                        pl.when(pl.col("_lr").is_in(no_hist.implode()))
                         .then(pl.lit("excluded:no_history"))
                         .otherwise(pl.col("status"))
                         .alias("status")
@@ -246,7 +267,7 @@ def build_dataset(
                 for col, dtype in ROW_SCHEMA.items():
                     if col not in rows.columns:
                         rows = rows.with_columns(pl.lit(None, dtype=dtype).alias(col))
-                rows = rows.select([pl.col(c).cast(t) for c, t in ROW_SCHEMA.items()]).sort("subject_id", "prediction_time")
+                rows = rows.select([pl.col(c).cast(t) for c, t in ROW_SCHEMA.items()]).sort("subject_id", "prediction_time", maintain_order=True)
                 for split in SPLITS:
                     part_lab = labeled.filter(pl.col("split") == split)
                     part = rows.filter(pl.col("split") == split)
@@ -268,6 +289,7 @@ def build_dataset(
             "version": VERSION,
             "vertical": vertical_name,
             "events_dir": str(events_dir.resolve()),
+            "events_version": _events_version(events_dir),
             "config_hash": _sha({"config": config.model_dump(mode="json"), "tasks": spec_hash}),
             "config": config.model_dump(mode="json"),
             "tokenizer": TOKENIZER,

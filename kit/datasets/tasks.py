@@ -32,8 +32,11 @@ class PreparedTask(Protocol):
     @property
     def info(self) -> TaskInfo: ...
 
-    def label(self, events: pl.DataFrame, subjects: pl.DataFrame) -> pl.DataFrame:
-        """Rows: subject_id, prediction_time, status ("ok", "censored", "excluded:<why>"), label, labels, label_mask."""
+    def label(self, events: pl.DataFrame, subjects: pl.DataFrame, shared: dict | None = None) -> pl.DataFrame:
+        """Rows: subject_id, prediction_time, status ("ok", "censored", "excluded:<why>"), label, labels, label_mask.
+
+        `shared` is a dict the writer creates per chunk and passes to every task, so tasks can cache what they
+        all derive from the chunk (encounters, deaths) instead of recomputing it."""
         ...
 
 

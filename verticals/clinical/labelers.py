@@ -52,7 +52,8 @@ class FollowUp:
 
 def encounters(events: pl.DataFrame) -> pl.DataFrame:
     """One row per encounter: subject_id, encounter_id, class, start, end (null when not recorded)."""
-    e = events.filter(pl.col("code").str.contains(ENCOUNTER_CODE)).with_columns(
+    e = events.filter(pl.col("code").str.starts_with("ENCOUNTER/"))
+    e = e.filter(pl.col("code").str.contains(ENCOUNTER_CODE)).with_columns(
         pl.col("code").str.extract(ENCOUNTER_CODE, 1).alias("class"),
         pl.col("code").str.extract(ENCOUNTER_CODE, 2).alias("_kind"),
     )
@@ -124,10 +125,16 @@ class ClinicalTask:
         )
 
     # ---- labeling -----------------------------------------------------------------------------------------
-    def label(self, events: pl.DataFrame, subjects: pl.DataFrame) -> pl.DataFrame:
+    def label(self, events: pl.DataFrame, subjects: pl.DataFrame, shared: dict | None = None) -> pl.DataFrame:
+        """Label one chunk of subjects; `shared` is a per-chunk cache the chunk's tasks share."""
         s = self.spec
-        enc = encounters(events)
-        facts = subject_facts(events, subjects, self.follow_up)
+        shared = {} if shared is None else shared
+        if "encounters" not in shared:
+            shared["encounters"] = encounters(events)
+        key = ("facts", self.follow_up)
+        if key not in shared:
+            shared[key] = subject_facts(events, subjects, self.follow_up)
+        enc, facts = shared["encounters"], shared[key]
         cohort = enc
         if s.cohort.encounter_classes is not None:
             cohort = cohort.filter(pl.col("class").is_in(s.cohort.encounter_classes))
@@ -163,7 +170,7 @@ class ClinicalTask:
         elif isinstance(rule, NextEncounterClassRule):
             out = self._next_class(cohort, enc, rule)
         elif isinstance(rule, NewConditionRule):
-            out = self._new_condition(cohort, events)
+            out = self._new_condition(cohort, events, shared)
         else:
             out = cohort.with_columns(pl.lit(None, dtype=pl.Float32).alias("label"))
         out = self._censor(out)
@@ -178,7 +185,7 @@ class ClinicalTask:
             out = out.with_columns(
                 pl.when(capped).then(pl.lit("excluded:per_subject_cap")).otherwise(pl.col("status")).alias("status")
             ).drop("_r")
-        return out.sort("subject_id", "prediction_time", "status")
+        return out.sort("subject_id", "prediction_time", "status", maintain_order=True)
 
     def _censor(self, df: pl.DataFrame) -> pl.DataFrame:
         """Mark as censored the ok samples whose outcome is unknown: follow-up ended before the window end."""
@@ -261,13 +268,16 @@ class ClinicalTask:
             pl.when(pl.col("_outcome")).then(idx).otherwise(pl.lit(none_idx, dtype=pl.Int32)).cast(pl.Float32).alias("label")
         )
 
-    def _new_condition(self, c: pl.DataFrame, events: pl.DataFrame) -> pl.DataFrame:
+    def _new_condition(self, c: pl.DataFrame, events: pl.DataFrame, shared: dict) -> pl.DataFrame:
         codes = self.condition_codes
-        onsets = (
-            events.filter((pl.col("source_type") == CONDITION_SOURCE) & pl.col("code").is_in(codes) & pl.col("time").is_not_null())
-            .group_by("subject_id", "code")
-            .agg(pl.col("time").min().alias("onset"))
-        )
+        if "condition_onsets" not in shared:
+            shared["condition_onsets"] = (
+                events.filter((pl.col("source_type") == CONDITION_SOURCE) & pl.col("time").is_not_null())
+                .filter(~pl.col("code").str.starts_with(RESOLVED_PREFIX))
+                .group_by("subject_id", "code")
+                .agg(pl.col("time").min().alias("onset"))
+            )
+        onsets = shared["condition_onsets"].filter(pl.col("code").is_in(codes))
         c = c.with_row_index("_r")
         pairs = c.select("_r", "subject_id", "prediction_time", "window_end").join(
             pl.DataFrame({"code": codes, "_j": list(range(len(codes)))}, schema={"code": pl.String, "_j": pl.Int32}),
