@@ -27,22 +27,22 @@ def example_store(tmp_path_factory):
     return out, summary
 
 
-@pytest.fixture(scope="session")
-def shared_bundles(shared_data) -> Path:
-    return shared_data / "fhir" / "synthea-r4-bundles"
+def _report(out: Path) -> dict:
+    return json.loads((out / "metadata" / "ingest_report.json").read_text())
 
 
 @pytest.fixture(scope="session")
-def shared_store(shared_bundles, tmp_path_factory):
-    out = tmp_path_factory.mktemp("shared") / "events"
-    summary = run_ingest([shared_bundles], out)
-    return out, summary
-
-
-def _raw_resources(root: Path):
-    for f in sorted(root.glob("*.json.gz")):
+def raw_synthea(synthea_bundles) -> tuple[Counter, set[int]]:
+    """Resource counts and deceased subjects, taken straight from the JSON (independent of the connector)."""
+    counts: Counter = Counter()
+    deceased = set()
+    for f in sorted(synthea_bundles.glob("*.json.gz")):
         for e in orjson.loads(gzip.open(f).read())["entry"]:
-            yield e["resource"]
+            r = e["resource"]
+            counts[r["resourceType"]] += 1
+            if r["resourceType"] == "Patient" and r.get("deceasedDateTime"):
+                deceased.add(subject_id_for(r["id"]))
+    return counts, deceased
 
 
 def test_store_validates_against_meds_schemas(example_store):
@@ -64,29 +64,55 @@ def test_events_sorted_and_every_code_described(example_store):
     assert set(used) == set(codes["code"])
 
 
-def test_shared_synthea_counts_match_raw_json(shared_store, shared_bundles):
-    out, summary = shared_store
-    raw = Counter(r["resourceType"] for r in _raw_resources(shared_bundles))
-    assert summary.total("rejected") == 0
-    assert summary.quarantined == 0
+def test_shared_synthea_counts_match_raw_json(synthea_events, raw_synthea):
+    """`synthea_events` (tests/conftest.py) is the whole shared set through the real `kit ingest fhir` command."""
+    out = synthea_events
+    report = _report(out)
+    raw = raw_synthea[0]
+    assert not [k for k in report["records"] if k.endswith("|rejected")]
+    assert report["quarantined"] == 0 and (out / "quarantine.ndjson").read_bytes() == b""
     events = scan_events(out)
     per_type = dict(
         events.group_by("source_type").agg(pl.col("source_id").n_unique()).collect().iter_rows()
     )
     for rtype in ("Patient", "Encounter", "Condition", "Observation"):
-        assert summary.counts[(rtype, "ingested")] == raw[rtype]
+        assert report["records"][f"{rtype}|ingested"] == raw[rtype]
         assert per_type[rtype] == raw[rtype]
     enc_starts = events.filter(pl.col("code").str.ends_with("/START")).select(pl.len()).collect().item()
     assert enc_starts == raw["Encounter"]
 
 
-def test_shared_synthea_deaths_match_patients(shared_store, shared_bundles):
-    out, _ = shared_store
-    expected = {
-        subject_id_for(r["id"]) for r in _raw_resources(shared_bundles)
-        if r["resourceType"] == "Patient" and r.get("deceasedDateTime")
-    }
+def test_shared_synthea_deaths_match_patients(synthea_events, raw_synthea):
+    out = synthea_events
+    expected = raw_synthea[1]
     subjects = read_subjects(out)
     assert set(subjects.filter(pl.col("death_time").is_not_null())["subject_id"]) == expected
     deaths = scan_events(out).filter(pl.col("code") == "MEDS_DEATH").collect()
     assert set(deaths["subject_id"]) == expected and deaths.height == len(expected)
+
+
+def test_every_raw_record_accounted_for(synthea_events, raw_synthea):
+    report = _report(synthea_events)
+    raw = raw_synthea[0]
+    seen = Counter()
+    for key, n in report["records"].items():
+        seen[key.split("|")[0]] += n
+    assert seen == raw
+
+
+def test_bulk_ndjson_set_ingests(shared_data, tmp_path):
+    bulk = shared_data / "fhir" / "synthea-r4-bulk-ndjson"
+    s = run_ingest([bulk], tmp_path / "events")
+    assert s.total("rejected") == 0 and s.subjects == 13
+    expected = {"Patient": 13, "Condition": 555, "Encounter": 1215, "DocumentReference": 1215,
+                "MedicationRequest": 1745, "Procedure": 2056, "Immunization": 161, "AllergyIntolerance": 11}
+    for rtype, n in expected.items():
+        assert s.counts[(rtype, "ingested")] == n
+    for rtype in ("Organization", "Practitioner", "PractitionerRole", "Location", "Device"):
+        assert s.counts[(rtype, "not used")] > 0
+    assert [p for p, _ in s.skipped_files if p.endswith("log.ndjson.gz")]
+    assert s.subjects_without_patient == 0
+    deaths = read_subjects(tmp_path / "events").filter(pl.col("death_time").is_not_null()).height
+    assert deaths == 3
+    notes = scan_events(tmp_path / "events").filter(pl.col("source_type") == "DocumentReference").collect()
+    assert notes["text_value"].null_count() == 0 and notes["encounter_id"].null_count() == 0
