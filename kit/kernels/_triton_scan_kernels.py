@@ -10,6 +10,8 @@ the chunk's states from its saved start state, and runs a reverse associative sc
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 from triton import knobs
@@ -28,6 +30,41 @@ def _configs() -> list[triton.Config]:
 def _affine(a1, x1, a2, x2):
     # Compose h -> a1 h + x1 then h -> a2 h + x2.
     return a1 * a2, a2 * x1 + x2
+
+
+@triton.jit
+def _scan_affine_tl(a, x, REVERSE: tl.constexpr):
+    return tl.associative_scan((a, x), 1, _affine, reverse=REVERSE)
+
+
+def _scan_affine_numpy(a, x, REVERSE):
+    """Interpreter-only stand-in for the associative scan above, same maths.
+
+    Triton's interpreter runs a Python call per element for a custom associative scan, which made tiny
+    test shapes take minutes; this loops over the scan axis with whole numpy slices instead.
+    """
+    import numpy as np
+    from triton.runtime.interpreter import ReduceScanOpInterface
+
+    ad, xd = a.handle.data, x.handle.data
+    if REVERSE:
+        ad, xd = ad[:, ::-1], xd[:, ::-1]
+    acum, h = np.empty_like(ad), np.empty_like(xd)
+    acum[:, 0], h[:, 0] = ad[:, 0], xd[:, 0]
+    for t in range(1, ad.shape[1]):
+        acum[:, t] = acum[:, t - 1] * ad[:, t]
+        h[:, t] = ad[:, t] * h[:, t - 1] + xd[:, t]
+    if REVERSE:
+        acum, h = acum[:, ::-1], h[:, ::-1]
+    wrap = ReduceScanOpInterface(1, None)
+    return wrap.to_tensor(np.ascontiguousarray(acum), a.dtype), wrap.to_tensor(np.ascontiguousarray(h), x.dtype)
+
+
+# KIT_TRITON_NATIVE_SCAN=1 keeps tl.associative_scan under the interpreter (slow; one small test uses it).
+if knobs.runtime.interpret and os.environ.get("KIT_TRITON_NATIVE_SCAN", "0") != "1":
+    scan_affine = _scan_affine_numpy
+else:
+    scan_affine = _scan_affine_tl
 
 
 @triton.jit
@@ -93,7 +130,7 @@ def scan_fwd_kernel(
             Ct = tl.load(C_ptr + bc + t[:, None], mask=m3, other=0.0).to(tl.float32)[None, :, :]
         a = tl.exp2(dt[:, :, None] * A[:, None, :])
         x = (dt * u)[:, :, None] * Bt
-        acum, hloc = tl.associative_scan((a, x), 1, _affine)
+        acum, hloc = scan_affine(a, x, False)
         hs = hloc + acum * h[:, None, :]
         y = tl.sum(hs * Ct, axis=2)
         if HAS_D:
@@ -179,7 +216,7 @@ def scan_bwd_kernel(
         a = tl.exp2(dt[:, :, None] * A[:, None, :])
         dtu = dt * u
         x = dtu[:, :, None] * Bt
-        acum, hloc = tl.associative_scan((a, x), 1, _affine)
+        acum, hloc = scan_affine(a, x, False)
         hs = hloc + acum * h_start[:, None, :]
         # Output epilogue: y = (C.h + D u) * silu(z).
         if HAS_Z:
@@ -199,7 +236,7 @@ def scan_bwd_kernel(
         # Adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}; the adjoint from later chunks enters at the last step.
         cvec = dy[:, :, None] * Ct + tl.where(offs_t[None, :, None] == T - 1, g[:, None, :], 0.0)
         an = tl.exp2(dtn[:, :, None] * A[:, None, :])
-        _, gs = tl.associative_scan((an, cvec), 1, _affine, reverse=True)
+        _, gs = scan_affine(an, cvec, True)
         ddtu = tl.sum(gs * Bt, axis=2)
         s = gs * (hs - x)  # dL/d(dt A) = g_t a_t h_{t-1}
         ddt = tl.sum(s * A_nat[:, None, :], axis=2) + ddtu * u

@@ -18,7 +18,7 @@ from kit.errors import KitError
 from kit.kernels._inputs import check_scan_shapes
 
 DEFAULT_CHUNK = 64
-_LOADED: dict[bool, ModuleType] = {}
+_LOADED: dict[tuple[bool, bool], ModuleType] = {}
 
 
 def interpret_mode() -> bool:
@@ -26,14 +26,14 @@ def interpret_mode() -> bool:
 
 
 def _kernels() -> ModuleType:
-    mode = interpret_mode()
+    mode = (interpret_mode(), os.environ.get("KIT_TRITON_NATIVE_SCAN", "0") == "1")
     if mode not in _LOADED:
         try:
             import triton  # noqa: F401
         except ImportError as err:
             raise KitError("impl='triton' needs the triton package: pip install 'vertical-kit[gpu]'") from err
         path = os.path.join(os.path.dirname(__file__), "_triton_scan_kernels.py")
-        name = f"kit.kernels._triton_scan_kernels_{'interpret' if mode else 'compiled'}"
+        name = "kit.kernels._triton_scan_kernels_" + ("interpret" if mode[0] else "compiled") + ("_native" if mode[1] else "")
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # triton resolves kernel globals through the module
