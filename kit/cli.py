@@ -40,6 +40,7 @@ app.add_typer(ingest_app, name="ingest")
 COMMAND_MODULES = [
     "kit.inspect",
     "kit.datasets.cli",
+    "kit.train.cli",
 ]
 
 

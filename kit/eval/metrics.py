@@ -21,9 +21,12 @@ class MetricValue:
 
 
 def _safe(fn: Callable[[np.ndarray, np.ndarray], float], y: np.ndarray, p: np.ndarray) -> float:
+    """A ranking metric, or NaN when it is undefined (one class only), without sklearn's warnings."""
+    if len(np.unique(y)) < 2:
+        return float("nan")
     try:
         return float(fn(y, p))
-    except ValueError:  # a single class present
+    except ValueError:
         return float("nan")
 
 

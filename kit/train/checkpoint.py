@@ -83,7 +83,7 @@ def save_checkpoint(
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"cuda{i}"] = s
     with atomic_dir(target) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.detach().cpu().clone() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng, str(tmp / "rng.safetensors"))
         meta = {

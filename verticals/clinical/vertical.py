@@ -31,6 +31,12 @@ class ClinicalVertical:
     name = "clinical"
     description = "Clinical prediction tasks over FHIR-derived events (mortality, readmission, length of stay, ...)"
 
+    def ingest(self, paths: list[Path], out: Path) -> None:
+        """Raw clinical records (FHIR Bundles / Bulk NDJSON) -> event store, for `kit finetune --data <raw>`."""
+        from connectors.fhir.cli import print_summary, run_ingest
+
+        print_summary(run_ingest(list(paths), out, show_progress=True))
+
     def task_names(self) -> list[str]:
         return list(_shipped())
 

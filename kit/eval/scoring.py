@@ -1,0 +1,68 @@
+"""Model scores for dataset rows: probabilities per task, in row order. Shared by evaluation and the Predictor."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kit.train.batching import Row, collate, model_inputs
+from kit.train.objectives import autocast, next_event_loss, used_inputs
+
+
+def scores_from_outputs(kind: str, raw: torch.Tensor) -> np.ndarray:
+    raw = raw.float()
+    if kind in ("binary", "multilabel"):
+        p = torch.sigmoid(raw)
+        return (p[:, 0] if kind == "binary" else p).cpu().numpy()
+    if kind == "multiclass":
+        return torch.softmax(raw, -1).cpu().numpy()
+    return raw[:, 0].cpu().numpy()
+
+
+@torch.no_grad()
+def task_logits(model, rows: list[Row], task: str, device, *, batch_size: int = 64, bf16: bool = True) -> torch.Tensor:
+    """Raw head outputs (logits) for one task's rows, (n, K), fp32 on CPU."""
+    model.eval()
+    chunks = []
+    for i in range(0, len(rows), batch_size):
+        batch = collate(rows[i : i + batch_size])
+        with autocast(torch.device(device), bf16):
+            out = model(**model_inputs(batch, device, used_inputs(model)), compute_lm_logits=False)
+        chunks.append(out.task_outputs[task].float().cpu())
+    if not chunks:
+        return torch.zeros(0, model.task_heads.heads[task].out_features)
+    return torch.cat(chunks)
+
+
+def targets_array(kind: str, rows: list[Row]) -> np.ndarray:
+    if not rows:
+        return np.zeros(0)
+    y = np.stack([r.target for r in rows])
+    return y[:, 0].astype(int if kind in ("binary", "multiclass") else float) if kind != "multilabel" else y
+
+
+@torch.no_grad()
+def next_event_metrics(model, rows: list[Row], device, *, batch_size: int = 32, k: int = 10, bf16: bool = True) -> dict[str, float]:
+    """Next-event loss, perplexity and top-k accuracy over history positions."""
+    from kit.train.batching import TASK_TOKEN_TYPE
+
+    model.eval()
+    total_loss, total_n, hits = 0.0, 0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = collate(rows[i : i + batch_size])
+        with autocast(torch.device(device), bf16):
+            out = model(**model_inputs(batch, device, used_inputs(model)), compute_lm_logits=True)
+        keep = ((batch["attention_mask"][:, 1:] != 0) & (batch["token_type_ids"][:, 1:] != TASK_TOKEN_TYPE)).to(device)
+        n = int(keep.sum())
+        if n == 0:
+            continue
+        logits = out.lm_logits[:, :-1][keep].float()
+        target = batch["input_ids"][:, 1:].to(device)[keep]
+        total_loss += float(next_event_loss(out.lm_logits, batch)) * n
+        topk = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+        hits += int((topk == target[:, None]).any(-1).sum())
+        total_n += n
+    if total_n == 0:
+        return {"loss": float("nan"), "perplexity": float("nan"), f"top{k}_accuracy": float("nan"), "positions": 0}
+    mean = total_loss / total_n
+    return {"loss": mean, "perplexity": float(np.exp(mean)), f"top{k}_accuracy": hits / total_n, "positions": total_n}

@@ -1,0 +1,193 @@
+"""`kit finetune`, `kit pretrain` and `kit config show|schema`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kit.errors import KitError
+
+console = Console()
+config_app = typer.Typer(help="Show the effective training config or its JSON schema.\n\nExample:\n\n  kit config show --set finetune.steps=500", no_args_is_help=True)
+
+DATA_HELP = "Raw records (files/folders), an event store from `kit ingest`, or a dataset from `kit dataset build`."
+
+
+def _overrides(
+    config: Path | None, sets: list[str], backbone: str | None, size: str | None, lora: bool | None,
+    keep_forecasting: float | None, device: str | None, steps: int | None = None,
+):
+    from kit.train.config import load_train_config
+
+    extra = list(sets or [])
+    if backbone:
+        extra.append(f"model.backbone={backbone}")
+    if size:
+        extra.append(f"model.size={size}")
+    if lora:
+        extra.append("lora.enabled=true")
+    if keep_forecasting is not None:
+        extra.append(f"finetune.keep_forecasting={keep_forecasting}")
+    if device:
+        extra.append(f"device={device}")
+    if steps is not None:
+        extra.append(f"finetune.steps={steps}")
+    return load_train_config(config, extra)
+
+
+def _progress_factory():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    def factory(label: str, total: int):
+        progress = Progress(
+            TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"), console=console, transient=False,
+        )
+        task = progress.add_task(label, total=total, info="")
+        started = [False]
+
+        def update(step: int, total_steps: int, record: dict) -> None:
+            if not started[0]:
+                progress.start()
+                started[0] = True
+            info = f"loss {record['loss']:.3f}"
+            ev = record.get("eval")
+            if ev:
+                info += f" | val {ev['score']:.3f}"
+            progress.update(task, completed=step, info=info)
+            if step >= total_steps or record.get("eval", {}).get("stopped"):
+                progress.stop()
+
+        return update
+
+    return factory
+
+
+def _fmt(m: dict | None, key: str) -> str:
+    if not m or key not in m:
+        return "-"
+    v = m[key]
+    if v["value"] is None or (isinstance(v["value"], float) and math.isnan(v["value"])):
+        return "n/a"
+    lo, hi = v["ci95"]
+    ci = "" if lo is None or (isinstance(lo, float) and math.isnan(lo)) else f" [{lo:.2f}-{hi:.2f}]"
+    return f"{v['value']:.3f}{ci}"
+
+
+def results_table(metrics: dict) -> Table:
+    table = Table(title=f"test split: {metrics.get('backbone')} ({metrics.get('size')}) vs count-feature logistic regression")
+    for col in ("task", "type", "n", "prevalence", "AUROC", "AUPRC / acc.", "baseline AUROC", "baseline AUPRC / acc."):
+        table.add_column(col, justify="left" if col in ("task", "type") else "right")
+    for name, t in metrics["tasks"].items():
+        prev = t.get("prevalence")
+        prev_s = f"{prev:.3f}" if isinstance(prev, float) else ("mixed" if prev else "-")
+        second = "auprc" if t["type"] in ("binary", "multilabel") else "accuracy"
+        table.add_row(
+            name, t["type"], str(t["n"]), prev_s,
+            _fmt(t.get("model"), "auroc"), _fmt(t.get("model"), second),
+            _fmt(t.get("baseline"), "auroc"), _fmt(t.get("baseline"), second),
+        )
+    return table
+
+
+def finetune_command(
+    vertical: str = typer.Option(..., "--vertical", help="Vertical whose tasks to train (e.g. clinical)."),
+    data: list[Path] = typer.Option(..., "--data", help=DATA_HELP),
+    workdir: Path | None = typer.Option(None, "--workdir", help="Workspace (default ./kit-runs/VERTICAL-TIMESTAMP)."),
+    config: Path | None = typer.Option(None, "--config", help="Training config YAML (see `kit config show`)."),
+    sets: list[str] = typer.Option([], "--set", help="Override a config field, e.g. --set finetune.steps=500."),
+    dataset_sets: list[str] = typer.Option([], "--dataset-set", help="Override a dataset build field, e.g. tokenizer.max_len=256."),
+    backbone: str | None = typer.Option(None, "--backbone", help="mamba (default) or transformer."),
+    size: str | None = typer.Option(None, "--size", help="Size preset: tiny, small or base."),
+    base_model: Path | None = typer.Option(None, "--base-model", help="Start from a pretrained local checkpoint (ours or HF); skips pretraining."),
+    lora: bool = typer.Option(False, "--lora", help="Finetune LoRA adapters (peft) instead of all weights."),
+    keep_forecasting: float | None = typer.Option(None, "--keep-forecasting", help="Weight of the next-event loss kept against forgetting, e.g. 0.1."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --workdir."),
+) -> None:
+    """Pretrain (unless --base-model), finetune on every task of the vertical, evaluate, and write the bundle.
+
+    Example:
+
+      kit finetune --vertical clinical --data path/to/fhir
+    """
+    from kit.train.workflow import FinetuneRequest, default_workdir, run_finetune
+
+    cfg = _overrides(config, sets, backbone, size, lora, keep_forecasting, device)
+    if resume and workdir is None:
+        raise KitError("--resume needs the --workdir of the interrupted run")
+    req = FinetuneRequest(vertical=vertical, data=list(data), workdir=workdir or default_workdir(vertical), config=cfg,
+                          dataset_overrides=list(dataset_sets), base_model=base_model, resume=resume)
+    console.print(f"[bold]kit finetune[/] --vertical {vertical} -> workdir {req.workdir}")
+    result = run_finetune(req, console.print, _progress_factory())
+    console.print(results_table(result.metrics))
+    console.print(f"bundle: {result.bundle_dir}  packed: {result.bundle_file}  ({result.metrics['wall_seconds']:.0f}s)")
+
+
+def pretrain_command(
+    vertical: str = typer.Option(..., "--vertical", help="Vertical whose data to pretrain on."),
+    data: list[Path] = typer.Option(..., "--data", help=DATA_HELP),
+    workdir: Path | None = typer.Option(None, "--workdir", help="Workspace (default ./kit-runs/VERTICAL-TIMESTAMP)."),
+    config: Path | None = typer.Option(None, "--config", help="Training config YAML."),
+    sets: list[str] = typer.Option([], "--set", help="Override a config field, e.g. --set pretrain.steps=500."),
+    dataset_sets: list[str] = typer.Option([], "--dataset-set", help="Override a dataset build field."),
+    backbone: str | None = typer.Option(None, "--backbone", help="mamba (default) or transformer."),
+    size: str | None = typer.Option(None, "--size", help="Size preset: tiny, small or base."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --workdir."),
+) -> None:
+    """Next-event (forecasting) pretraining of the backbone on the train split; the model lands in <workdir>/pretrain/model.
+
+    Example:
+
+      kit pretrain --vertical clinical --data kit-runs/events --workdir kit-runs/pre --set pretrain.steps=500
+    """
+    from kit.train.workflow import FinetuneRequest, default_workdir, run_finetune
+
+    cfg = _overrides(config, sets, backbone, size, None, None, device)
+    if cfg.pretrain.steps <= 0:
+        raise KitError("pretrain.steps must be above 0 for `kit pretrain`")
+    req = FinetuneRequest(vertical=vertical, data=list(data), workdir=workdir or default_workdir(vertical), config=cfg,
+                          dataset_overrides=list(dataset_sets), resume=resume, pretrain_only=True)
+    run_finetune(req, console.print, _progress_factory())
+    console.print(f"pretrained model: {req.workdir / 'pretrain' / 'model'}  (use it with --base-model)")
+
+
+@config_app.command("show")
+def config_show(
+    config: Path | None = typer.Option(None, "--config", help="Training config YAML."),
+    sets: list[str] = typer.Option([], "--set", help="Override a field, e.g. --set finetune.steps=500."),
+) -> None:
+    """Print the effective training config (defaults, then the file, then --set overrides) as YAML.
+
+    Example:
+
+      kit config show --set model.backbone=transformer > my-config.yaml
+    """
+    from kit.train.workflow import train_config_yaml
+
+    typer.echo(train_config_yaml(_overrides(config, sets, None, None, None, None, None)))
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the training config's JSON schema.
+
+    Example:
+
+      kit config schema > kit-config.schema.json
+    """
+    from kit.train.config import TrainConfig
+
+    typer.echo(json.dumps(TrainConfig.model_json_schema(), indent=2))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("finetune")(finetune_command)
+    app.command("pretrain")(pretrain_command)
+    app.add_typer(config_app, name="config")

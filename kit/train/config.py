@@ -1,0 +1,109 @@
+"""Training configuration: pydantic models loaded from YAML, with `--set key.path=value` overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kit.errors import KitError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Section):
+    backbone: Literal["mamba", "transformer"] = "mamba"
+    size: Literal["tiny", "small", "base"] = "tiny"
+    time_embeddings: bool = Field(True, description="Embed days since the previous token.")
+    age_embeddings: bool = Field(True, description="Embed age in years.")
+    type_embeddings: bool = Field(True, description="Embed the token type (code, value, visit, task...).")
+    visit_embeddings: int = Field(64, ge=0, description="Visit-number embedding table size (0 = off).")
+
+
+class LoraSection(_Section):
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="Default: the backbone's projections.")
+
+
+class OptimSection(_Section):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    batch_size: int = Field(16, ge=1)
+
+
+class PretrainSection(_Section):
+    steps: int = Field(150, ge=0, description="Next-event pretraining steps (0 = skip).")
+    optim: OptimSection = Field(default_factory=lambda: OptimSection(lr=2e-3))
+
+
+class FinetuneSection(_Section):
+    steps: int = Field(300, ge=1)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    eval_every: int = Field(50, ge=1)
+    patience: int = Field(4, ge=0, description="Evaluations without improvement before stopping (0 = never stop).")
+    checkpoint_every: int = Field(50, ge=1)
+    keep_forecasting: float = Field(0.0, ge=0, description="Weight of the next-event loss mixed in against forgetting.")
+    task_weights: dict[str, float] = Field(default_factory=dict, description="Per-task loss weights (default 1).")
+    focal_gamma: float = Field(0.0, ge=0, description="Focal-loss exponent for classification tasks (0 = off).")
+    tasks: list[str] | None = Field(None, description="Tasks to finetune on (default: every supervised task).")
+
+
+class TrainConfig(_Section):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU).")
+    model: ModelSection = Field(default_factory=ModelSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    pretrain: PretrainSection = Field(default_factory=PretrainSection)
+    finetune: FinetuneSection = Field(default_factory=FinetuneSection)
+    eval_batch_size: int = Field(64, ge=1)
+    n_bootstrap: int = Field(500, ge=0, description="Bootstrap resamples for the 95% intervals.")
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise KitError(f"--set {dotted}: `{k}` is not a section")
+    node[keys[-1]] = value
+
+
+def load_train_config(path: Path | None = None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
+    """Config from an optional YAML file, then `key.path=value` overrides (values parsed as YAML)."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise KitError(f"config {path}: file not found") from None
+        except yaml.YAMLError as exc:
+            raise KitError(f"config {path}: not valid YAML ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise KitError(f"config {path}: expected a mapping of sections")
+        data.update(loaded)
+    for item in overrides:
+        if "=" not in item:
+            raise KitError(f"--set {item}: expected key.path=value, e.g. finetune.steps=500")
+        key, raw = item.split("=", 1)
+        _set_path(data, key.strip(), yaml.safe_load(raw))
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        msgs = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            msgs.append(f"unknown field `{loc}`" if err["type"] == "extra_forbidden" else f"field `{loc}`: {err['msg']}")
+        raise KitError(f"config {path or '(defaults)'}: " + "; ".join(msgs)) from None

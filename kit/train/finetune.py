@@ -1,0 +1,179 @@
+"""Pretraining and multitask prompted finetuning runs over a built dataset.
+
+    pretrain(ds, config, run_dir)                        -> KitModel (next-event objective)
+    finetune(ds, config, run_dir, base=...)              -> KitModel with task heads
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kit.errors import KitError
+from kit.eval.metrics import metric_fn
+from kit.eval.scoring import next_event_metrics, scores_from_outputs, targets_array, task_logits
+from kit.models import InputsConfig, KitModel, ModelConfig, TaskSpec, apply_lora, merge_lora
+from kit.models.config import BackboneConfig
+from kit.train.batching import Row
+from kit.train.config import TrainConfig
+from kit.train.data import LoadedDataset, mixing_probabilities, sample_batch
+from kit.train.loop import LoopSettings, ProgressFn, run_loop
+from kit.train.objectives import multitask_loss, pretrain_loss
+
+log = logging.getLogger(__name__)
+NUM_TOKEN_TYPES = 9  # kit.tokenizer.TOKEN_TYPES
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise KitError("device 'cuda' requested but no CUDA GPU is available", hint="use --set device=cpu")
+    return torch.device(name)
+
+
+def inputs_config(config: TrainConfig) -> InputsConfig:
+    m = config.model
+    return InputsConfig(
+        time=m.time_embeddings,
+        age=m.age_embeddings,
+        num_token_types=NUM_TOKEN_TYPES if m.type_embeddings else 0,
+        max_visits=m.visit_embeddings,
+    )
+
+
+def new_model(ds: LoadedDataset, config: TrainConfig, tasks: list[TaskSpec]) -> KitModel:
+    torch.manual_seed(config.seed)
+    backbone = BackboneConfig(kind=config.model.backbone, size=config.model.size, vocab_size=ds.vocab_size)
+    return KitModel(ModelConfig(backbone=backbone, inputs=inputs_config(config), tasks=tasks))
+
+
+def pretraining_rows(ds: LoadedDataset, split: str) -> list[Row]:
+    """History sequences for the next-event objective: the forecast task's rows, else every task's."""
+    name = ds.forecast_task()
+    if name is not None and ds.splits[split][name].rows:
+        return ds.splits[split][name].rows
+    return [r for t in ds.splits[split].values() for r in t.rows]
+
+
+def _pick(rows: list[Row], n: int, seed: int) -> list[Row]:
+    if len(rows) <= n:
+        return rows
+    idx = np.random.default_rng(seed).choice(len(rows), n, replace=False)
+    return [rows[i] for i in sorted(idx)]
+
+
+def pretrain(
+    ds: LoadedDataset,
+    config: TrainConfig,
+    run_dir: Path,
+    *,
+    progress: ProgressFn | None = None,
+    stop_at: int | None = None,
+) -> KitModel:
+    device = resolve_device(config.device)
+    model = new_model(ds, config, tasks=[]).to(device)
+    train_rows = pretraining_rows(ds, "train")
+    if not train_rows:
+        raise KitError(f"{ds.root}: no train sequences to pretrain on")
+    val_rows = _pick(pretraining_rows(ds, "val"), 256, config.seed)
+    bs = config.pretrain.optim.batch_size
+
+    def loss_fn(step: int, micro: int):
+        rng = np.random.default_rng([config.seed, 1, step, micro])
+        rows = [train_rows[i] for i in rng.integers(0, len(train_rows), bs)]
+        return pretrain_loss(model.train(), rows, device, bf16=config.bf16)
+
+    def evaluate():
+        m = next_event_metrics(model, val_rows, device, bf16=config.bf16)
+        return -m["loss"], m
+
+    settings = LoopSettings(
+        run_dir=run_dir, steps=config.pretrain.steps, optim=config.pretrain.optim,
+        checkpoint_every=config.finetune.checkpoint_every, eval_every=max(1, config.pretrain.steps // 4) if val_rows else None,
+        stop_at=stop_at,
+    )
+    run_loop(model, loss_fn, settings, evaluate=evaluate if val_rows else None, progress=progress)
+    return model.eval()
+
+
+def validation_score(model, ds: LoadedDataset, tasks: list[TaskSpec], device, config: TrainConfig, split: str = "val") -> tuple[float, dict]:
+    """Mean over tasks of each task's primary metric on `split` (tasks whose metric is undefined are skipped)."""
+    per_task = {}
+    for t in tasks:
+        rows = ds.splits[split][t.name].rows
+        if not rows:
+            continue
+        metric = ds.manifest["tasks"][t.name].get("metric", "auroc")
+        try:
+            fn = metric_fn(t.type, metric)
+        except KeyError:
+            fn, metric = metric_fn(t.type, "auroc" if t.type != "regression" else "mae"), "auroc"
+        scores = scores_from_outputs(t.type, task_logits(model, rows, t.name, device, batch_size=config.eval_batch_size, bf16=config.bf16))
+        value = fn(targets_array(t.type, rows), scores)
+        per_task[t.name] = -value if metric == "mae" else value
+    vals = [v for v in per_task.values() if not math.isnan(v)]
+    return (float(np.mean(vals)) if vals else float("nan")), per_task
+
+
+def finetune(
+    ds: LoadedDataset,
+    config: TrainConfig,
+    run_dir: Path,
+    *,
+    base: KitModel | str | Path | None = None,
+    progress: ProgressFn | None = None,
+    stop_at: int | None = None,
+) -> KitModel:
+    """Multitask prompted finetuning: batches mix tasks by the dataset's weights, the loss is task-balanced."""
+    device = resolve_device(config.device)
+    tasks = ds.supervised_tasks(config.finetune.tasks)
+    if not tasks:
+        raise KitError(f"{ds.root}: the dataset has no supervised task to finetune on")
+    if isinstance(base, KitModel):
+        model = KitModel(ModelConfig(backbone=base.config.backbone, inputs=base.config.inputs, tasks=tasks))
+        missing = model.load_state_dict(base.state_dict(), strict=False)
+        assert all(k.startswith("task_heads.") for k in missing.missing_keys), missing.missing_keys
+    elif base is not None:
+        model = KitModel.from_pretrained(base, tasks=tasks, inputs=inputs_config(config))
+        if model.config.backbone.vocab_size < ds.vocab_size:
+            raise KitError(f"--base-model {base}: its vocabulary ({model.config.backbone.vocab_size}) is smaller than the "
+                           f"dataset's tokenizer ({ds.vocab_size})", hint="pretrain on this dataset instead")
+    else:
+        model = new_model(ds, config, tasks)
+    model = model.to(device)
+    trainable = model
+    if config.lora.enabled:
+        lc = config.lora
+        trainable = apply_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules)
+    types = {t.name: t.type for t in tasks}
+    probs = mixing_probabilities(ds, [t.name for t in tasks])
+    train = ds.splits["train"]
+    fc = config.finetune
+
+    def loss_fn(step: int, micro: int):
+        rows = sample_batch(train, probs, fc.optim.batch_size, seed=config.seed, step=step, micro=micro)
+        trainable.train()
+        return multitask_loss(trainable, rows, types, device, task_weights=fc.task_weights,
+                              focal_gamma=fc.focal_gamma, keep_forecasting=fc.keep_forecasting, bf16=config.bf16)
+
+    has_val = any(ds.splits["val"][t.name].rows for t in tasks)
+
+    def evaluate():
+        score, per_task = validation_score(trainable, ds, tasks, device, config)
+        return score, {"val": per_task}
+
+    settings = LoopSettings(
+        run_dir=run_dir, steps=fc.steps, optim=fc.optim, checkpoint_every=fc.checkpoint_every,
+        eval_every=fc.eval_every if has_val else None, patience=fc.patience, stop_at=stop_at,
+    )
+    run_loop(trainable, loss_fn, settings, evaluate=evaluate if has_val else None, progress=progress)
+    if config.lora.enabled:
+        model = merge_lora(trainable)
+    return model.eval()
+
+

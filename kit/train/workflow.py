@@ -1,0 +1,265 @@
+"""`kit finetune` end to end: raw records or an event store or a dataset in, a trained and evaluated bundle out.
+
+Every stage writes into the workdir and records a stamp of what it was built from, so a second run with the same
+inputs reuses it, and a changed input or config rebuilds that stage and the ones after it:
+
+    <workdir>/events/      event store (when --data is raw records)
+    <workdir>/dataset/     prompted multitask dataset
+    <workdir>/pretrain/    next-event pretraining run (checkpoints, metrics.jsonl, model/)
+    <workdir>/finetune/    multitask finetuning run (checkpoints, metrics.jsonl, model/)
+    <workdir>/bundle/      the bundle; packed as <workdir>/<vertical>.kitbundle
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kit import registry
+from kit.errors import KitError
+from kit.events import is_event_store
+from kit.train.checkpoint import list_checkpoints
+from kit.train.config import TrainConfig
+
+STAMP = ".kit-stage.json"
+Say = Callable[[str], None]
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fingerprint_paths(paths: list[Path]) -> str:
+    """Identity of input files: relative names, sizes and modification times (not contents: exports are large)."""
+    items = []
+    for root in paths:
+        root = Path(root)
+        if not root.exists():
+            raise KitError(f"{root}: no such file or directory")
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for f in files:
+            st = f.stat()
+            items.append((str(f.resolve()), st.st_size, int(st.st_mtime)))
+    if not items:
+        raise KitError(f"no files found under {', '.join(map(str, paths))}")
+    return _sha(items)
+
+
+def stage_done(directory: Path, key: str) -> bool:
+    stamp = Path(directory) / STAMP
+    if not stamp.exists():
+        return False
+    try:
+        return json.loads(stamp.read_text()).get("key") == key
+    except json.JSONDecodeError:
+        return False
+
+
+def mark_done(directory: Path, key: str, **info: Any) -> None:
+    (Path(directory) / STAMP).write_text(json.dumps({"key": key, "finished": datetime.now().isoformat(), **info}))
+
+
+def _sibling_with(workdir: Path, stage: str, key: str) -> Path | None:
+    """An earlier workdir beside this one whose `stage` was built from the same inputs."""
+    parent = workdir.parent
+    if not parent.is_dir():
+        return None
+    for other in sorted(parent.iterdir(), reverse=True):
+        cand = other / stage
+        if other != workdir and cand.is_dir() and not cand.is_symlink() and stage_done(cand, key):
+            return cand
+    return None
+
+
+def _reuse_or_build(workdir: Path, stage: str, key: str, build: Callable[[Path], None], say: Say) -> Path:
+    target = workdir / stage
+    if stage_done(target, key):
+        say(f"[dim]{stage}: reusing {target}[/]")
+        return target.resolve()
+    sibling = _sibling_with(workdir, stage, key)
+    if sibling is not None:
+        say(f"[dim]{stage}: reusing {sibling} (same inputs)[/]")
+        if target.is_symlink() or target.exists():
+            target.unlink() if target.is_symlink() else None
+        if not target.exists():
+            target.symlink_to(os.path.relpath(sibling, workdir))
+        return sibling
+    if target.is_symlink():
+        target.unlink()
+    build(target)
+    mark_done(target, key)
+    return target
+
+
+@dataclass
+class FinetuneRequest:
+    vertical: str
+    data: list[Path]
+    workdir: Path
+    config: TrainConfig
+    dataset_overrides: list[str] = field(default_factory=list)
+    base_model: Path | None = None
+    resume: bool = False
+    pretrain_only: bool = False
+
+
+def default_workdir(vertical: str) -> Path:
+    return Path("kit-runs") / f"{vertical}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _classify(data: list[Path]) -> str:
+    if len(data) == 1 and (Path(data[0]) / "manifest.json").exists():
+        return "dataset"
+    if len(data) == 1 and is_event_store(data[0]):
+        return "events"
+    return "raw"
+
+
+def prepare_dataset(req: FinetuneRequest, say: Say) -> Path:
+    """Events and dataset stages; returns the dataset directory."""
+    from kit.datasets.build import build_dataset
+    from kit.datasets.config import load_config
+
+    vertical = registry.vertical(req.vertical)  # fails early, listing the verticals, for a wrong name
+    kind = _classify(req.data)
+    if kind == "dataset":
+        return Path(req.data[0])
+    if kind == "raw":
+        if not hasattr(vertical, "ingest"):
+            raise KitError(f"vertical '{req.vertical}' cannot read raw records; ingest them first and pass the event store")
+        key = _sha({"inputs": fingerprint_paths(req.data)})
+        events = _reuse_or_build(req.workdir, "events", key, lambda out: vertical.ingest(req.data, out), say)
+    else:
+        events = Path(req.data[0])
+        key = _sha({"events": fingerprint_paths([events / "data"])})
+    ds_config = load_config(None, req.dataset_overrides)
+    ds_key = _sha({"events": key, "config": ds_config.model_dump(mode="json"), "vertical": req.vertical})
+
+    def build(out: Path) -> None:
+        say(f"building the {req.vertical} dataset -> {out}")
+        build_dataset(req.vertical, events, out, ds_config)
+
+    return _reuse_or_build(req.workdir, "dataset", ds_key, build, say)
+
+
+def check_resume(run_dir: Path, key: str, resume: bool) -> None:
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts or stage_done(run_dir, key):
+        return
+    if not resume:
+        raise KitError(
+            f"{run_dir} holds an unfinished run (last checkpoint {ckpts[-1].name})",
+            hint="pass --resume to continue it, or choose another --workdir",
+        )
+    stamp_cfg = run_dir / "run_key.txt"
+    if stamp_cfg.exists() and stamp_cfg.read_text().strip() != key:
+        raise KitError(f"{run_dir}: --resume with a different config than the interrupted run; use another --workdir")
+
+
+def train_config_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def elapsed(t0: float) -> str:
+    return f"{time.perf_counter() - t0:.0f}s"
+
+
+@dataclass
+class FinetuneResult:
+    workdir: Path
+    bundle_dir: Path | None
+    bundle_file: Path | None
+    metrics: dict[str, Any]
+
+
+def _train_stage(run_dir: Path, key: str, resume: bool, train: Callable[[], Any], say: Say, label: str):
+    """Run (or reuse) a training stage whose final model is saved under run_dir/model."""
+    from kit.models import KitModel
+
+    model_dir = run_dir / "model"
+    if stage_done(run_dir, key) and model_dir.exists():
+        say(f"[dim]{label}: reusing {model_dir}[/]")
+        return KitModel.from_pretrained(model_dir)
+    check_resume(run_dir, key, resume)
+    if not resume and run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)  # a stale, differently configured run: start clean
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run_key.txt").write_text(key)
+    model = train()
+    model.save_pretrained(model_dir)
+    mark_done(run_dir, key)
+    return model
+
+
+def run_finetune(req: FinetuneRequest, say: Say, progress_factory: Callable[[str, int], Any]) -> FinetuneResult:
+    """All stages; `progress_factory(label, total)` returns a callback(step, total, record)."""
+    from kit.bundle import pack_bundle, write_bundle
+    from kit.eval.evaluate import evaluate_tasks
+    from kit.train.data import load_dataset
+    from kit.train.finetune import finetune, pretrain, resolve_device
+
+    t0 = time.perf_counter()
+    req.workdir.mkdir(parents=True, exist_ok=True)
+    cfg = req.config
+    (req.workdir / "train_config.yaml").write_text(train_config_yaml(cfg))
+    dataset_dir = prepare_dataset(req, say)
+    say(f"loading dataset {dataset_dir}")
+    ds = load_dataset(dataset_dir)
+    ds_key = ds.manifest.get("config_hash", "")
+
+    base: Any = req.base_model
+    if base is None and cfg.pretrain.steps > 0:
+        pre_key = _sha({"dataset": ds_key, "seed": cfg.seed, "model": cfg.model.model_dump(), "pretrain": cfg.pretrain.model_dump()})
+        base = _train_stage(
+            req.workdir / "pretrain", pre_key, req.resume,
+            lambda: pretrain(ds, cfg, req.workdir / "pretrain", progress=progress_factory("pretrain", cfg.pretrain.steps)),
+            say, "pretrain",
+        )
+    if req.pretrain_only:
+        return FinetuneResult(req.workdir, None, None, {})
+    ft_key = _sha({"dataset": ds_key, "config": cfg.model_dump(mode="json"), "base": str(req.base_model)})
+    model = _train_stage(
+        req.workdir / "finetune", ft_key, req.resume,
+        lambda: finetune(ds, cfg, req.workdir / "finetune", base=base, progress=progress_factory("finetune", cfg.finetune.steps)),
+        say, "finetune",
+    )
+    say("evaluating on the test split beside the count-feature baseline")
+    device = resolve_device(cfg.device)
+    model = model.to(device)
+    tasks = ds.supervised_tasks(cfg.finetune.tasks)
+    results = evaluate_tasks(model, ds, tasks, device, split="test", batch_size=cfg.eval_batch_size,
+                             n_boot=cfg.n_bootstrap, seed=cfg.seed, bf16=cfg.bf16)
+    metrics = {
+        "split": "test",
+        "vertical": req.vertical,
+        "backbone": cfg.model.backbone,
+        "size": cfg.model.size,
+        "lora": cfg.lora.enabled,
+        "dataset": str(dataset_dir),
+        "subjects": ds.manifest.get("subjects"),
+        "tasks": results,
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+    }
+    tasks_meta = {name: t for name, t in ds.manifest["tasks"].items() if name in {s.name for s in tasks}}
+    bundle_dir = write_bundle(
+        req.workdir / "bundle",
+        vertical=req.vertical,
+        model=model.cpu(),
+        tokenizer_file=dataset_dir / "tokenizer.json",
+        tasks={"tasks": tasks_meta, "max_len": ds.manifest.get("max_len"), "vocab_size": ds.vocab_size},
+        metrics=metrics,
+        train_config_yaml=train_config_yaml(cfg),
+    )
+    bundle_file = pack_bundle(bundle_dir, req.workdir / f"{req.vertical}.kitbundle")
+    return FinetuneResult(req.workdir, bundle_dir, bundle_file, metrics)
