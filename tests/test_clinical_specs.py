@@ -122,3 +122,10 @@ def test_build_config_errors_name_the_field(tmp_path):
     cfg.write_text("mixing: {temperature: 0.5}\n")
     with pytest.raises(KitError, match="mixing.temperature"):
         load_config(cfg)
+
+
+def test_example_build_config_is_the_defaults():
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "clinical-dataset.yaml"
+    assert load_config(example) == load_config(None)
