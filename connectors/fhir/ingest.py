@@ -148,7 +148,7 @@ class _TaskRun:
             emit.rollback()
             self.reject(name, kind, pos, rtype, rid, validate.version_reason(r, str(exc)))
             return
-        except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+        except Exception as exc:  # noqa: BLE001 - bad input must never crash the run
             # The fast path met a shape it does not expect: let the models say what is wrong.
             emit.rollback()
             reason = validate.validation_error(r) or f"could not map {rtype} ({type(exc).__name__})"

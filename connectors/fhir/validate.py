@@ -96,7 +96,7 @@ def detect_version(resource: dict) -> str | None:
             return version
         try:
             cls.model_validate(resource)
-        except (pydantic.ValidationError, ValueError, TypeError):
+        except Exception:  # noqa: BLE001 - the models can raise anything on hostile input; it just isn't that version
             continue
         return version
     return None
@@ -112,8 +112,8 @@ def validation_error(resource: dict) -> str | None:
         cls.model_validate(resource)
     except pydantic.ValidationError as exc:
         return f"invalid {rtype}: {_format_errors(exc)}"
-    except (ValueError, TypeError) as exc:
-        return f"invalid {rtype}: {type(exc).__name__}"
+    except Exception as exc:  # noqa: BLE001 - fhir.resources raises KeyError etc. on some malformed input
+        return f"invalid {rtype}: model validation failed ({type(exc).__name__})"
     return None
 
 
