@@ -60,11 +60,33 @@ def _scan_affine_numpy(a, x, REVERSE):
     return wrap.to_tensor(np.ascontiguousarray(acum), a.dtype), wrap.to_tensor(np.ascontiguousarray(h), x.dtype)
 
 
+@triton.jit
+def _sum_tl(x, AXIS: tl.constexpr):
+    return tl.sum(x, axis=AXIS)
+
+
+def _sum_numpy(x, AXIS):
+    """Interpreter-only sum: tl.sum is a @triton.jit helper decorated when triton was imported, so it only
+    runs in the interpreter if TRITON_INTERPRET was set before that import (tests switch it on later)."""
+    import numpy as np
+    from triton.runtime.interpreter import ReduceScanOpInterface
+
+    return ReduceScanOpInterface(AXIS, None).to_tensor(np.sum(x.handle.data, axis=AXIS), x.dtype)
+
+
 # KIT_TRITON_NATIVE_SCAN=1 keeps tl.associative_scan under the interpreter (slow; one small test uses it).
 if knobs.runtime.interpret and os.environ.get("KIT_TRITON_NATIVE_SCAN", "0") != "1":
     scan_affine = _scan_affine_numpy
 else:
     scan_affine = _scan_affine_tl
+tl_sum = _sum_numpy if knobs.runtime.interpret else _sum_tl
+
+
+@triton.jit
+def _sigmoid(x):
+    # Not tl.sigmoid/tl.sum/tl.zeros: those are @triton.jit helpers decorated when triton was imported, so
+    # they fail in interpreter mode switched on after that import (as the tests do).
+    return 1.0 / (1.0 + tl.exp(-x))
 
 
 @triton.jit
@@ -106,7 +128,7 @@ def scan_fwd_kernel(
     if HAS_H0:
         h = tl.load(h0_ptr + st, mask=mask_dn, other=0.0).to(tl.float32)
     else:
-        h = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
+        h = tl.full((BLOCK_D, NP), 0.0, tl.float32)
     for c in range(nchunks):
         t = c * T + offs_t
         mask_t = t < length
@@ -132,14 +154,14 @@ def scan_fwd_kernel(
         x = (dt * u)[:, :, None] * Bt
         acum, hloc = scan_affine(a, x, False)
         hs = hloc + acum * h[:, None, :]
-        y = tl.sum(hs * Ct, axis=2)
+        y = tl_sum(hs * Ct, 2)
         if HAS_D:
             y += u * Dv[:, None]
         if HAS_Z:
             z = tl.load(z_ptr + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
-            y = y * z * tl.sigmoid(z)
+            y = y * z * _sigmoid(z)
         tl.store(y_ptr + row[:, None] + t[None, :], y.to(y_ptr.dtype.element_ty), mask=m2)
-        h = tl.sum(tl.where(offs_t[None, :, None] == T - 1, hs, 0.0), axis=1)
+        h = tl_sum(tl.where(offs_t[None, :, None] == T - 1, hs, 0.0), 1)
     tl.store(last_ptr + st, h, mask=mask_dn)
 
 
@@ -178,10 +200,10 @@ def scan_bwd_kernel(
     if HAS_DLAST:
         g = tl.load(dlast_ptr + st, mask=mask_dn, other=0.0).to(tl.float32)
     else:
-        g = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
-    dA_acc = tl.zeros((BLOCK_D, NP), dtype=tl.float32)
-    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        g = tl.full((BLOCK_D, NP), 0.0, tl.float32)
+    dA_acc = tl.full((BLOCK_D, NP), 0.0, tl.float32)
+    dD_acc = tl.full((BLOCK_D,), 0.0, tl.float32)
+    dbias_acc = tl.full((BLOCK_D,), 0.0, tl.float32)
     for ci in range(nchunks):
         c = nchunks - 1 - ci
         t = c * T + offs_t
@@ -221,32 +243,32 @@ def scan_bwd_kernel(
         # Output epilogue: y = (C.h + D u) * silu(z).
         if HAS_Z:
             z = tl.load(z_ptr + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
-            sz = tl.sigmoid(z)
-            y_core = tl.sum(hs * Ct, axis=2)
+            sz = _sigmoid(z)
+            y_core = tl_sum(hs * Ct, 2)
             if HAS_D:
                 y_core += u * Dv[:, None]
             dz = dy * y_core * sz * (1.0 + z * (1.0 - sz))
             tl.store(dz_ptr + row[:, None] + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m2)
             dy = dy * z * sz
         if HAS_D:
-            dD_acc += tl.sum(dy * u, axis=1)
+            dD_acc += tl_sum(dy * u, 1)
             du = dy * Dv[:, None]
         else:
-            du = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+            du = tl.full((BLOCK_D, T), 0.0, tl.float32)
         # Adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}; the adjoint from later chunks enters at the last step.
         cvec = dy[:, :, None] * Ct + tl.where(offs_t[None, :, None] == T - 1, g[:, None, :], 0.0)
         an = tl.exp2(dtn[:, :, None] * A[:, None, :])
         _, gs = scan_affine(an, cvec, True)
-        ddtu = tl.sum(gs * Bt, axis=2)
+        ddtu = tl_sum(gs * Bt, 2)
         s = gs * (hs - x)  # dL/d(dt A) = g_t a_t h_{t-1}
-        ddt = tl.sum(s * A_nat[:, None, :], axis=2) + ddtu * u
-        dA_acc += tl.sum(s * dt[:, :, None], axis=1)
+        ddt = tl_sum(s * A_nat[:, None, :], 2) + ddtu * u
+        dA_acc += tl_sum(s * dt[:, :, None], 1)
         du += ddtu * dt
         if SOFTPLUS:
-            ddt = ddt * tl.sigmoid(dt_pre)
+            ddt = ddt * _sigmoid(dt_pre)
         ddt = tl.where(m2, ddt, 0.0)
         if HAS_BIAS:
-            dbias_acc += tl.sum(ddt, axis=1)
+            dbias_acc += tl_sum(ddt, 1)
         tl.store(du_ptr + row[:, None] + t[None, :], du.to(du_ptr.dtype.element_ty), mask=m2)
         tl.store(ddt_ptr + row[:, None] + t[None, :], ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
         dBv = gs * dtu[:, :, None]
@@ -255,9 +277,9 @@ def scan_bwd_kernel(
             tl.atomic_add(dB_ptr + bc + t[None, :, None], dBv, mask=m3)
             tl.atomic_add(dC_ptr + bc + t[None, :, None], dCv, mask=m3)
         else:
-            tl.atomic_add(dB_ptr + bc + t[:, None], tl.sum(dBv, axis=0), mask=m3)
-            tl.atomic_add(dC_ptr + bc + t[:, None], tl.sum(dCv, axis=0), mask=m3)
-        g = tl.sum(tl.where(offs_t[None, :, None] == 0, a * gs, 0.0), axis=1)
+            tl.atomic_add(dB_ptr + bc + t[:, None], tl_sum(dBv, 0), mask=m3)
+            tl.atomic_add(dC_ptr + bc + t[:, None], tl_sum(dCv, 0), mask=m3)
+        g = tl_sum(tl.where(offs_t[None, :, None] == 0, a * gs, 0.0), 1)
     tl.store(dA_ptr + st, dA_acc, mask=mask_dn)
     tl.store(dh0_ptr + st, g, mask=mask_dn)
     if HAS_D:

@@ -1,0 +1,126 @@
+"""The Triton selective scan against the reference.
+
+Without CUDA it runs in Triton's CPU interpreter (TRITON_INTERPRET=1, set only while this module's tests run;
+scan_triton loads its kernels per interpreter mode, so other tests in the process are unaffected) at tiny
+shapes. With CUDA the same checks run compiled, plus real shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kit.kernels import selective_scan
+from kit.kernels.scan_reference import selective_scan_reference
+from kit.kernels.testing import ScanCase, make_scan_inputs, max_scaled_error, run_scan
+
+pytest.importorskip("triton")
+from kit.kernels.scan_triton import selective_scan_triton  # noqa: E402
+
+torch.set_num_threads(1)
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+# Bound on max|triton - reference| / max|reference| per input dtype: (outputs and last state, input gradients).
+# fp64 inputs are computed in fp32 by the kernel, so they get fp32's bounds.
+TOLERANCES = {
+    torch.float32: (2e-5, 2e-4),
+    torch.float16: (4e-3, 1e-2),
+    torch.bfloat16: (2e-2, 4e-2),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def triton_interpreter():
+    if CUDA:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+def check_against_reference(case: ScanCase, dtype: torch.dtype, chunk: int | None, device: str = DEVICE) -> None:
+    inputs = make_scan_inputs(case, dtype, device=device)
+    y_ref, last_ref, g_ref = run_scan(selective_scan_reference, inputs, case.softplus)
+    y, last, g = run_scan(selective_scan_triton, inputs, case.softplus, chunk_size=chunk)
+    tol_out, tol_grad = TOLERANCES[dtype]
+    assert y.dtype == dtype and last.dtype == torch.float32 and y.shape == inputs["u"].shape
+    assert max_scaled_error(y, y_ref) <= tol_out, "y"
+    assert max_scaled_error(last, last_ref) <= tol_out, "last state"
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        assert g[name].dtype == inputs[name].dtype, name
+        err = max_scaled_error(g[name], g_ref[name])
+        assert err <= tol_grad, f"grad {name}: scaled error {err:.2e} > {tol_grad:.0e}"
+
+
+# Tiny shapes (B <= 2, D <= 32, L <= 128) so the interpreter stays fast: L=1, L not a multiple of the chunk,
+# N in {1, 4, 16}, grouped B/C (hdim 2 < the 4-channel block, so a block straddles groups), flags on and off.
+CASES = [
+    (ScanCase(2, 8, 1, 4), 2),
+    (ScanCase(2, 8, 37, 4), 16),
+    (ScanCase(1, 4, 20, 1, D=False, z=False, delta_bias=False, softplus=False, initial_state=False), 8),
+    (ScanCase(1, 4, 40, 16, delta_bias=False), 16),
+    (ScanCase(2, 8, 29, 4, groups=4), 8),
+    (ScanCase(1, 6, 45, 4, groups=3, z=False, initial_state=False), 16),
+    (ScanCase(1, 32, 128, 16), None),
+]
+
+
+@pytest.mark.parametrize("case,chunk", CASES, ids=[f"{c}-T{t}" for c, t in CASES])
+def test_triton_matches_reference_fp32(case, chunk):
+    check_against_reference(case, torch.float32, chunk)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_triton_matches_reference_low_precision(dtype):
+    check_against_reference(ScanCase(2, 8, 37, 4), dtype, 16)
+
+
+def test_triton_two_halves_with_carried_state_equal_one_scan():
+    case = ScanCase(1, 8, 40, 4)
+    x = {k: (v.detach() if v is not None else None) for k, v in make_scan_inputs(case, device=DEVICE).items()}
+    kw = dict(D=x["D"], delta_bias=x["delta_bias"], delta_softplus=True, return_last_state=True, impl="triton")
+    full, last = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], z=x["z"], initial_state=x["initial_state"], **kw)
+    parts, state = [], x["initial_state"]
+    for sl in (slice(0, 13), slice(13, None)):
+        y, state = selective_scan(x["u"][..., sl], x["delta"][..., sl], x["A"], x["B"][..., sl], x["C"][..., sl],
+                                  z=x["z"][..., sl], initial_state=state, **kw)
+        parts.append(y)
+    torch.testing.assert_close(torch.cat(parts, -1), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, last, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter-only check")
+def test_triton_native_associative_scan_in_interpreter(monkeypatch):
+    # The interpreter normally swaps tl.associative_scan for a numpy loop (speed); this keeps Triton's own scan,
+    # including the reverse scan the backward uses, at one very small shape.
+    monkeypatch.setenv("KIT_TRITON_NATIVE_SCAN", "1")
+    check_against_reference(ScanCase(1, 4, 6, 2, groups=2), torch.float32, 4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "case",
+    [ScanCase(2, 1536, 2048, 16), ScanCase(2, 1536, 2048, 16, groups=4), ScanCase(1, 768, 1000, 16, z=False, initial_state=False)],
+    ids=str,
+)
+def test_triton_matches_reference_real_shapes_gpu(case, dtype):
+    check_against_reference(case, dtype, None, device="cuda")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_auto_picks_triton_on_cuda(monkeypatch):
+    from kit.kernels import resolve_impl
+
+    monkeypatch.delenv("KIT_SCAN_IMPL", raising=False)
+    assert resolve_impl("auto", torch.device("cuda")) == "triton"
+
+
+def test_interpreter_mode_is_scoped_to_this_module():
+    if not CUDA:
+        assert os.environ.get("TRITON_INTERPRET") == "1"
