@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM, MambaModel
+import transformers
 
 from kit.errors import KitError
 from kit.models import (
@@ -26,11 +31,14 @@ from kit.models import (
 )
 
 VOCAB = 61
+REPO = Path(__file__).resolve().parents[1]
+# transformers' modeling modules are reached through attributes only inside tests: importing them imports triton,
+# and triton must not be imported at collection time, before the Triton-interpreter tests choose their mode.
 
 
-def tiny_hf_mamba_config(**overrides) -> MambaConfig:
+def tiny_hf_mamba_config(**overrides) -> transformers.MambaConfig:
     fields = dict(vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, time_step_rank=4)
-    return MambaConfig(**{**fields, **overrides})
+    return transformers.MambaConfig(**{**fields, **overrides})
 
 
 def perturb(module: torch.nn.Module, seed: int = 0) -> None:
@@ -48,14 +56,14 @@ def ids(batch: int = 2, length: int = 23, seed: int = 1) -> torch.Tensor:
 def test_state_dict_loads_both_ways() -> None:
     torch.manual_seed(0)
     config = tiny_hf_mamba_config()
-    hf = MambaModel(config).eval()
+    hf = transformers.MambaModel(config).eval()
     perturb(hf)
     ours = MambaBackbone(MambaSpec.from_hf(config.to_dict())).eval()
     hf_state, our_state = hf.state_dict(), ours.state_dict()
     assert {k: v.shape for k, v in hf_state.items()} == {k: v.shape for k, v in our_state.items()}
 
     ours.load_state_dict(hf_state, strict=True)
-    back = MambaModel(config).eval()
+    back = transformers.MambaModel(config).eval()
     back.load_state_dict(ours.state_dict(), strict=True)
     x = ids()
     with torch.no_grad():
@@ -67,17 +75,17 @@ def test_state_dict_loads_both_ways() -> None:
 @pytest.mark.parametrize("impl", ["chunked", "reference"])
 @pytest.mark.parametrize(
     "wrapper, overrides",
-    [(MambaModel, {}), (MambaForCausalLM, {"use_bias": True, "residual_in_fp32": False, "expand": 3})],
+    [("MambaModel", {}), ("MambaForCausalLM", {"use_bias": True, "residual_in_fp32": False, "expand": 3})],
 )
 def test_load_backbone_matches_transformers(tmp_path, wrapper, overrides, impl) -> None:
     torch.manual_seed(0)
-    hf = wrapper(tiny_hf_mamba_config(**overrides)).eval()
+    hf = getattr(transformers, wrapper)(tiny_hf_mamba_config(**overrides)).eval()
     perturb(hf)
     hf.save_pretrained(tmp_path)
     ours = load_backbone(tmp_path)
     assert isinstance(ours, MambaBackbone)
     ours.set_scan_impl(impl)
-    hf_backbone = hf.backbone if wrapper is MambaForCausalLM else hf
+    hf_backbone = hf.backbone if wrapper == "MambaForCausalLM" else hf
     x = ids(length=70)
     mask = torch.ones_like(x)
     mask[0, :9] = 0  # left padding
@@ -93,9 +101,9 @@ def test_load_backbone_matches_transformers(tmp_path, wrapper, overrides, impl) 
 
 def test_load_backbone_llama(tmp_path) -> None:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, attn_implementation="eager")
-    hf = LlamaForCausalLM(config).eval()
+    hf = transformers.LlamaForCausalLM(config).eval()
     hf.save_pretrained(tmp_path)
     ours = load_backbone(tmp_path)
     assert ours.config._attn_implementation == "sdpa"
@@ -220,11 +228,12 @@ def test_save_and_from_pretrained_round_trip(tmp_path, kind) -> None:
 
 def test_from_pretrained_accepts_plain_transformers_directories(tmp_path) -> None:
     torch.manual_seed(0)
-    mamba = MambaForCausalLM(tiny_hf_mamba_config()).eval()
+    mamba = transformers.MambaForCausalLM(tiny_hf_mamba_config()).eval()
     perturb(mamba)
     mamba.save_pretrained(tmp_path / "mamba")
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, tie_word_embeddings=False)).eval()
+    llama_config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                            num_hidden_layers=2, num_attention_heads=4, tie_word_embeddings=False)
+    llama = transformers.LlamaForCausalLM(llama_config).eval()
     llama.save_pretrained(tmp_path / "llama")
     x = ids()
     for path, hf, kind in [(tmp_path / "mamba", mamba, "mamba"), (tmp_path / "llama", llama, "transformer")]:
@@ -295,6 +304,59 @@ def test_lora_adapters_all_get_gradient_cpu(kind) -> None:
         assert grad is not None and grad.abs().sum() > 0, name
     merged = merge_lora(peft_model)
     assert isinstance(merged, KitModel) and not lora_parameters(merged)
+
+
+TRITON_LORA_CHECK = """
+import torch
+from kit.models import BackboneConfig, ModelConfig, TaskSpec, apply_lora, build_model, lora_parameters
+
+torch.manual_seed(0)
+backbone = BackboneConfig(kind="mamba", vocab_size=61, hidden_size=16, num_layers=1, overrides={"state_size": 4})
+model = build_model(ModelConfig(backbone=backbone, tasks=[TaskSpec("a", "binary")]))
+model.backbone.set_scan_impl("triton")
+peft_model = apply_lora(model, r=2, alpha=4)
+lora = lora_parameters(peft_model)
+with torch.no_grad():  # lora_B starts at zero; make it non-zero so one backward reaches every lora_A too
+    for name, p in lora.items():
+        if "lora_B" in name:
+            p.normal_(std=0.1)
+out = peft_model(input_ids=torch.randint(0, 61, (1, 16)))
+(out.lm_logits.logsumexp(-1).mean() + out.task_outputs["a"].pow(2).mean()).backward()
+assert len(lora) == 8, sorted(lora)
+dead = [name for name, p in lora.items() if p.grad is None or p.grad.abs().sum() == 0]
+assert not dead, dead
+print("ok", len(lora))
+"""
+
+
+def test_lora_adapters_get_gradient_through_triton_interpreter() -> None:
+    """The Triton kernel path under triton's CPU interpreter at a tiny shape (the GPU test below does real sizes).
+
+    Its own process: TRITON_INTERPRET must be set before triton is first imported.
+    """
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(TRITON_LORA_CHECK)], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok 8")
+
+
+@pytest.mark.parametrize("kind", ["mamba", "transformer"])
+def test_bf16_forward_is_close_to_fp32(kind) -> None:
+    torch.manual_seed(0)
+    model = tiny_model(kind)
+    x = ids(length=50)
+    with torch.no_grad():
+        full = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model(x)
+        half = model.to(torch.bfloat16)(x)
+    for out in (autocast, half):
+        assert torch.isfinite(out.lm_logits.float()).all()
+        torch.testing.assert_close(out.hidden_states.float(), full.hidden_states, atol=0.1, rtol=0.05)
+        for name, value in out.task_outputs.items():
+            torch.testing.assert_close(value.float(), full.task_outputs[name], atol=0.1, rtol=0.05)
 
 
 @pytest.mark.gpu
