@@ -262,3 +262,19 @@ def test_is_up_to_date_tracks_config_and_events(dataset, synthea_events):
     assert is_up_to_date(dataset, synthea_events, "clinical", load_config(None, OVERRIDES))
     assert not is_up_to_date(dataset, synthea_events, "clinical", load_config(None, OVERRIDES + ["mixing.temperature=3"]))
     assert not is_up_to_date(dataset.parent / "nothing-here", synthea_events, "clinical", load_config(None, OVERRIDES))
+
+
+def test_subjects_without_a_patient_record_are_left_out_and_counted(synthea_events, tmp_path):
+    import shutil
+
+    store = tmp_path / "events"
+    shutil.copytree(synthea_events, store)
+    subjects = read_subjects(store)
+    dropped = subjects.item(0, "subject_id")
+    subjects.slice(1).write_parquet(store / "metadata" / "subjects.parquet")
+    cfg = load_config(None, ["tasks=[mortality_1y]"])
+    m = build_dataset("clinical", store, tmp_path / "ds", cfg)
+    assert m["subjects_left_out"] == {"no_subject_record": 1}
+    assert sum(m["subjects"].values()) == subjects.height - 1
+    got = pl.concat([scan_rows(tmp_path / "ds", s).collect() for s in ("train", "val", "test")])
+    assert dropped not in got.get_column("subject_id").to_list() and got.height > 1000

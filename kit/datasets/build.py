@@ -214,6 +214,15 @@ def build_dataset(
         raise KitError(f"{events_dir}: the event store has no subjects")
     events = scan_events(events_dir)
     ids = sorted(subjects.get_column("subject_id").to_list())
+    # Subjects with events but no subject row have no birth, sex or death: their labels would be wrong, so they are
+    # left out, and counted in the manifest.
+    without_row = (
+        events.select(pl.col("subject_id").unique())
+        .join(subjects.lazy().select("subject_id"), on="subject_id", how="anti")
+        .select(pl.len())
+        .collect()
+        .item()
+    )
     split_table = assign_splits(ids, config.splits)
     train_ids = split_table.filter(pl.col("split") == "train").get_column("subject_id")
     if train_ids.len() == 0:
@@ -301,6 +310,7 @@ def build_dataset(
             },
             "columns": COLUMN_DOCS,
             "subjects": {s: int(split_table.filter(pl.col("split") == s).height) for s in SPLITS},
+            "subjects_left_out": {"no_subject_record": int(without_row)},
             "follow_up": config.follow_up.model_dump(mode="json"),
             "dataset_end": dataset_end.isoformat() if dataset_end else None,
             "mixing": {"temperature": config.mixing.temperature, "weights": weights},

@@ -124,6 +124,13 @@ def build_command(
     console.print(cohort_table(manifest, f"{vertical} dataset -> {out}"))
     for w in small_task_warnings(manifest, cfg.min_cohort_warning):
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    left_out = manifest.get("subjects_left_out", {}).get("no_subject_record", 0)
+    if left_out:
+        console.print(
+            f"[yellow]warning:[/] {left_out:,} subjects have events but no subject record (no FHIR Patient: no birth, "
+            "sex or death), so they are left out",
+            highlight=False,
+        )
     subj = manifest["subjects"]
     console.print(
         f"subjects train/val/test: {subj['train']:,}/{subj['val']:,}/{subj['test']:,}; vocab {manifest['vocab_size']:,}; "
