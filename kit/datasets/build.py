@@ -27,7 +27,7 @@ from kit.datasets.mixing import mixing_weights
 from kit.datasets.splits import SPLITS, assign_splits
 from kit.datasets.tasks import PreparedTask, TaskInfo
 from kit.errors import KitError
-from kit.events import read_codes, read_dataset_metadata, read_subjects, scan_events
+from kit.events import DATA_DIR, read_codes, read_dataset_metadata, read_subjects, scan_events
 from kit.fsutil import atomic_dir
 from kit.tokenizer import Tokenizer, windows
 
@@ -83,6 +83,21 @@ def _sha(obj: Any) -> str:
 
 def _chunks(ids: list[int], size: int) -> list[list[int]]:
     return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
+def _plan_chunks(events_dir: Path, known: list[int], size: int) -> list[tuple[list[str], list[int]]]:
+    """(shard files, subject ids) per chunk: chunks never cross a shard, so each reads one shard (streaming per
+    subject shard). If a subject appears in two shards (not a valid event store, but cheap to survive), every chunk
+    reads all shards instead."""
+    shards = [str(p) for p in sorted((Path(events_dir) / DATA_DIR).glob("*.parquet"))]
+    known_set = set(known)
+    per_shard = []
+    for shard in shards:
+        sids = pl.scan_parquet(shard).select(pl.col("subject_id").unique()).collect().get_column("subject_id")
+        per_shard.append(sorted(int(x) for x in sids if int(x) in known_set))
+    if sum(len(p) for p in per_shard) != len({s for p in per_shard for s in p}):
+        return [(shards, c) for c in _chunks(sorted(known_set), size)]
+    return [([shard], c) for shard, sids in zip(shards, per_shard) for c in _chunks(sids, size)]
 
 
 def _forecast_targets(tokens: pl.DataFrame, rows: pl.DataFrame, n: int) -> pl.DataFrame:
@@ -204,8 +219,10 @@ def build_dataset(
     config: DatasetConfig,
     *,
     on_chunk: Callable[[int, int], None] | None = None,
+    on_stage: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Build the dataset and return its manifest. `on_chunk(done, total)` reports progress."""
+    """Build the dataset and return its manifest. `on_stage(text)` and `on_chunk(done, total)` report progress."""
+    stage = on_stage or (lambda _text: None)
     events_dir, out_dir = Path(events_dir), Path(out_dir)
     vertical = registry.vertical(vertical_name)
     specs = vertical.load_tasks(config.tasks, config.task_files)
@@ -234,6 +251,7 @@ def build_dataset(
     except KitError:
         codes = pl.DataFrame(schema={"code": pl.String, "description": pl.String})
     context = {"follow_up": config.follow_up.model_dump(), "dataset_end": dataset_end, "codes": codes}
+    stage(f"fitting tasks and tokenizer on the train split ({train_ids.len():,} subjects)")
     tasks: list[PreparedTask] = vertical.prepare(specs, train_events, context)
     infos = [t.info for t in tasks]
     tokenizer = Tokenizer.fit(train_events, config.tokenizer, extra_tokens=[i.task_token for i in infos])
@@ -241,13 +259,14 @@ def build_dataset(
 
     counts = {i.name: {s: _empty_counts() for s in SPLITS} for i in infos}
     files: dict[str, dict[str, list[str]]] = {i.name: {s: [] for s in SPLITS} for i in infos}
-    chunks = _chunks(ids, config.subjects_per_chunk)
+    stage("labeling and tokenizing subject chunks")
+    chunks = _plan_chunks(events_dir, ids, config.subjects_per_chunk)
     with atomic_dir(out_dir) as tmp:
         tokenizer.save(tmp / TOKENIZER)
         (tmp / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=True))
-        for ci, chunk in enumerate(chunks):
+        for ci, (shard_files, chunk) in enumerate(chunks):
             chunk_series = pl.Series(chunk, dtype=pl.Int64)
-            ev = events.filter(pl.col("subject_id").is_in(chunk_series.implode())).collect()
+            ev = pl.scan_parquet(shard_files).filter(pl.col("subject_id").is_in(chunk_series.implode())).collect()
             subj = subjects.filter(pl.col("subject_id").is_in(chunk_series.implode()))
             split_of = split_table.filter(pl.col("subject_id").is_in(chunk_series.implode()))
             tokens = tokenizer.encode(ev, subj)

@@ -114,12 +114,14 @@ def build_command(
         cfg.task_files = [*cfg.task_files, *map(str, task_file)]
     out = out or Path("kit-runs") / f"{vertical}-dataset"
     with Progress(
-        TextColumn("[bold]building[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=True,
     ) as progress:
-        bar = progress.add_task("subject chunks", total=None)
+        bar = progress.add_task("reading the event store", total=None)
         manifest = build_dataset(
-            vertical, events, out, cfg, on_chunk=lambda done, total: progress.update(bar, completed=done, total=total)
+            vertical, events, out, cfg,
+            on_stage=lambda text: progress.update(bar, description=text),
+            on_chunk=lambda done, total: progress.update(bar, completed=done, total=total),
         )
     console.print(cohort_table(manifest, f"{vertical} dataset -> {out}"))
     for w in small_task_warnings(manifest, cfg.min_cohort_warning):
