@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -58,3 +59,13 @@ def test_fast_path_sends_unknown_elements_to_the_models(shared_data):
     cond["onsetDateTim"] = cond["onsetDateTime"]  # a typo R4 does not define
     outcome, _, reason = resource_events(cond)
     assert outcome == "rejected" and "onsetDateTim: extra_forbidden" in reason
+
+
+def test_shipped_element_table_matches_installed_models():
+    """connectors/fhir/r4_elements.json is generated from fhir.resources; regenerate it if this fails."""
+    from connectors.fhir import extract, validate
+
+    shipped = json.loads(validate.ELEMENT_TABLE.read_text())
+    types = sorted(extract.EXTRACTORS) + ["Organization", "Medication", "Bundle"]
+    assert {t: shipped[t] for t in types} == validate.build_r4_element_table(types)
+    assert "Resource" not in shipped and "DomainResource" not in shipped and len(shipped) > 140

@@ -7,11 +7,49 @@ every resource. Reasons name fields and error kinds, never values, so quarantine
 
 from __future__ import annotations
 
+import json
 from functools import cache
+from pathlib import Path
 
 import pydantic
 
 SUPPORTED_VERSION = "R4"
+# Element names of every R4B resource type, generated from fhir.resources by `build_r4_element_table` (a test
+# checks it still matches). Importing the models costs seconds per process; the fast path only needs the names.
+ELEMENT_TABLE = Path(__file__).with_name("r4_elements.json")
+ABSTRACT_TYPES = frozenset({"Resource", "DomainResource"})
+
+
+def build_r4_element_table(types: list[str] | None = None) -> dict[str, list[str]]:
+    """resourceType -> sorted JSON element names, from the installed fhir.resources R4B models."""
+    import importlib
+    import pkgutil
+
+    import fhir.resources.R4B as r4b
+    from fhir.resources.R4B.resource import Resource
+
+    table: dict[str, list[str]] = {}
+    modules = [t.lower() for t in types] if types else [m.name for m in pkgutil.iter_modules(r4b.__path__)]
+    for mod_name in modules:
+        try:
+            mod = importlib.import_module(f"fhir.resources.R4B.{mod_name}")
+        except ImportError:
+            continue
+        for name, cls in vars(mod).items():
+            if (
+                isinstance(cls, type)
+                and issubclass(cls, Resource)
+                and cls.__module__ == mod.__name__
+                and getattr(cls, "__resource_type__", None) == name
+                and name not in ABSTRACT_TYPES
+            ):
+                table[name] = sorted(_element_names(cls))
+    return dict(sorted(table.items()))
+
+
+@cache
+def _element_table() -> dict[str, frozenset[str]]:
+    return {k: frozenset(v) for k, v in json.loads(ELEMENT_TABLE.read_text()).items()}
 
 
 @cache
@@ -42,7 +80,7 @@ def _other_class(version: str, resource_type: str):
 
 
 def is_r4_resource_type(resource_type: object) -> bool:
-    return isinstance(resource_type, str) and _r4b_class(resource_type) is not None
+    return isinstance(resource_type, str) and resource_type in _element_table()
 
 
 def _element_names(cls) -> frozenset[str]:
@@ -51,9 +89,8 @@ def _element_names(cls) -> frozenset[str]:
     return frozenset(names | {"resourceType"})
 
 
-@cache
 def r4_elements(resource_type: str) -> frozenset[str]:
-    return _element_names(_r4b_class(resource_type))
+    return _element_table()[resource_type]
 
 
 @cache
@@ -85,12 +122,12 @@ def detect_version(resource: dict) -> str | None:
     rtype = resource.get("resourceType")
     if not isinstance(rtype, str):
         return None
-    extra = resource.keys() - (r4_elements(rtype) if _r4b_class(rtype) else frozenset({"resourceType"}))
+    extra = resource.keys() - (r4_elements(rtype) if is_r4_resource_type(rtype) else frozenset({"resourceType"}))
     for version in ("R5", "STU3"):
         cls = _other_class(version, rtype)
         if cls is None:
             continue
-        if _r4b_class(rtype) is None:
+        if not is_r4_resource_type(rtype):
             return version  # a resource type R4 does not have at all
         if extra and extra <= _other_elements(version, rtype):
             return version
