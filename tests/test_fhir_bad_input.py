@@ -228,3 +228,23 @@ def test_cli_ingest_and_inspect_summary(tmp_path):
     proc = _kit("inspect", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
     assert "subjects" in proc.stdout and "Top codes" in proc.stdout and "LOINC" in proc.stdout
+
+
+def test_killed_ingest_leaves_no_dataset_and_a_rerun_cleans_up(tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "events"
+    cmd = [sys.executable, "-m", "kit", "ingest", "fhir", str(BUNDLES), str(BULK), "--out", str(out), "--workers", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".events.tmp-*/.spill")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    assert list(tmp_path.glob(".events.tmp-*"))  # the half-built temporary is all that is left
+    run_ingest([_small_bundle()], out)
+    assert (out / "metadata" / "dataset.json").exists()
+    assert not list(tmp_path.glob(".events.tmp-*")) and not (out / ".kit-ingest-pid").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import time
 from collections import Counter
@@ -101,7 +102,9 @@ def run_ingest(
         transient=True,
         disable=not show_progress,
     )
+    _remove_stale_temporaries(out)
     with progress, atomic_dir(out) as tmp:
+        (tmp / OWNER_FILE).write_text(str(os.getpid()))
         spill = tmp / ".spill"
         spill.mkdir()
         read_task = progress.add_task(f"reading {len(files)} files", total=sum(f.size for f in files))
@@ -150,6 +153,7 @@ def run_ingest(
             "events_without_patient": stats["events_without_patient"],
         }
         writer.write_metadata(tmp, name or out.name, subjects, codes, report)
+        (tmp / OWNER_FILE).unlink()
     return IngestSummary(
         out=out,
         files=len(files),
@@ -166,6 +170,33 @@ def run_ingest(
         seconds=time.perf_counter() - start,
         report=report,
     )
+
+
+OWNER_FILE = ".kit-ingest-pid"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete half-built siblings (.DIR.tmp-*) left by an ingest that was killed, so a rerun starts clean."""
+    if not out.parent.is_dir():
+        return
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        owner = tmp / OWNER_FILE
+        try:
+            pid = int(owner.read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or still being created: leave it
+        if not _pid_alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def results_have_no_rejections(counts: Counter) -> bool:
