@@ -10,6 +10,7 @@ states from the saved chunk-start states instead of keeping autograd's per-step 
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,20 @@ def _bc_from_steps(x: torch.Tensor, length: int) -> torch.Tensor:
     return x.permute(1, 2, 4, 3, 0).reshape(b, g, n, k * t)[..., :length]
 
 
+_WORKSPACE = threading.local()
+
+
+def _workspace(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A scratch tensor reused across calls (per thread): allocating the backward's (T, B, D, K, N) state
+    buffer afresh each step costs more in page faults than the scan itself on CPU."""
+    numel = math.prod(shape)
+    buf = getattr(_WORKSPACE, "buf", None)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        _WORKSPACE.buf = buf
+    return buf[:numel].view(shape)
+
+
 class ChunkedScan(torch.autograd.Function):
     """Core scan y_t = C_t . h_t, h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t (no D, z, bias)."""
 
@@ -68,11 +83,11 @@ class ChunkedScan(torch.autograd.Function):
         Ah = A.reshape(1, groups, 1, hdim, dstate)
         state_shape = (batch, groups, nchunks, hdim, dstate)
 
-        # 1) state at each chunk's end when the chunk starts from zero; keep the decays for step 3.
-        decays = torch.empty((chunk, *state_shape), dtype=u.dtype, device=u.device)
+        # 1) state at each chunk's end when the chunk starts from zero.
+        a = torch.empty(state_shape, dtype=u.dtype, device=u.device)
         h = torch.zeros(state_shape, dtype=u.dtype, device=u.device)
         for t in range(chunk):
-            a = torch.mul(dt[t].unsqueeze(-1), Ah, out=decays[t]).exp_()
+            torch.mul(dt[t].unsqueeze(-1), Ah, out=a).exp_()
             h.mul_(a).addcmul_(dtu[t].unsqueeze(-1), Bs[t].unsqueeze(-2))
         # 2) carry states across chunk boundaries: H_k = P_k H_{k-1} + h_k.
         chunk_decay = torch.exp(dt.sum(0).unsqueeze(-1) * Ah)
@@ -81,11 +96,13 @@ class ChunkedScan(torch.autograd.Function):
         for k in range(nchunks):
             starts[:, :, k] = carry
             carry = chunk_decay[:, :, k] * carry + h[:, :, k]
-        # 3) rescan every chunk from its true start state, contracting with C as we go.
-        h = starts.clone()
+        # 3) rescan every chunk from its true start state, contracting with C as we go. The decays are
+        # recomputed rather than kept from step 1: a fresh (T, B, D, K, N) buffer costs more in page faults.
+        h.copy_(starts)
         y = torch.empty((chunk, batch, groups, nchunks, hdim), dtype=u.dtype, device=u.device)
         for t in range(chunk):
-            h.mul_(decays[t]).addcmul_(dtu[t].unsqueeze(-1), Bs[t].unsqueeze(-2))
+            torch.mul(dt[t].unsqueeze(-1), Ah, out=a).exp_()
+            h.mul_(a).addcmul_(dtu[t].unsqueeze(-1), Bs[t].unsqueeze(-2))
             torch.matmul(h, Cs[t].unsqueeze(-1), out=y[t].unsqueeze(-1))
         ctx.save_for_backward(dt, us, Ah, Bs, Cs, starts, chunk_decay)
         ctx.meta = (length, dim, dstate, h0 is not None)
@@ -101,19 +118,20 @@ class ChunkedScan(torch.autograd.Function):
         dy = F.pad(dy.to(dt.dtype), (0, lp - length))
         dys = _to_steps(dy, groups, chunk)
 
-        # Recompute the states (kept: one (T, B, G, K, H, N) tensor) and dC along the way.
-        hs = torch.empty((chunk + 1, *starts.shape), dtype=dt.dtype, device=dt.device)
-        decays = torch.empty((chunk, *starts.shape), dtype=dt.dtype, device=dt.device)
+        # Recompute the states into a reused workspace (h_{t-1} at index t) and dC along the way.
+        hs = _workspace((chunk + 1, *starts.shape), dt.dtype, dt.device)
+        a = torch.empty_like(starts)
         dCs = torch.empty_like(Cs)
         hs[0] = starts
         for t in range(chunk):
-            a = torch.mul(dt[t].unsqueeze(-1), Ah, out=decays[t]).exp_()
+            torch.mul(dt[t].unsqueeze(-1), Ah, out=a).exp_()
             torch.mul(hs[t], a, out=hs[t + 1]).addcmul_(dtu[t].unsqueeze(-1), Bs[t].unsqueeze(-2))
             torch.matmul(dys[t].unsqueeze(-2), hs[t + 1], out=dCs[t].unsqueeze(-2))
         # Adjoint that each chunk sends to the state before it, from its own outputs only.
         q = torch.zeros_like(starts)
         for t in reversed(range(chunk)):
-            q.addcmul_(dys[t].unsqueeze(-1), Cs[t].unsqueeze(-2)).mul_(decays[t])
+            torch.mul(dt[t].unsqueeze(-1), Ah, out=a).exp_()
+            q.addcmul_(dys[t].unsqueeze(-1), Cs[t].unsqueeze(-2)).mul_(a)
         # Carry adjoints across chunk boundaries, right to left.
         ends = torch.empty_like(starts)
         g = torch.zeros_like(starts[:, :, 0]) if dlast is None else dlast.to(dt.dtype).reshape(batch, groups, hdim, dstate)
@@ -125,19 +143,20 @@ class ChunkedScan(torch.autograd.Function):
         ddt = torch.empty_like(dt)
         ddtu = torch.empty_like(dt)
         dBs = torch.empty_like(Bs)
-        dA_acc = torch.zeros_like(starts)
+        dA_acc = q.zero_()
         g = ends
         for t in reversed(range(chunk)):
+            torch.mul(dt[t].unsqueeze(-1), Ah, out=a).exp_()
             g.addcmul_(dys[t].unsqueeze(-1), Cs[t].unsqueeze(-2))  # g_t: dL/dh_t
             torch.matmul(dtu[t].unsqueeze(-2), g, out=dBs[t].unsqueeze(-2))
             torch.matmul(g, Bs[t].unsqueeze(-1), out=ddtu[t].unsqueeze(-1))
-            s = hs[t].mul_(g).mul_(decays[t])  # dL/d(delta_t A), reusing h_{t-1}'s storage
+            g.mul_(a)  # a_t g_t: the adjoint handed to step t - 1
+            s = hs[t].mul_(g)  # dL/d(delta_t A) = g_t a_t h_{t-1}, in h_{t-1}'s storage
             dA_acc.addcmul_(s, dt[t].unsqueeze(-1))
-            torch.sum(s.mul_(Ah), -1, out=ddt[t])
-            g.mul_(decays[t])
+            torch.linalg.vecdot(s, Ah, out=ddt[t])
+        dA = dA_acc.sum((0, 2)).reshape(dim, dstate)
         du = _from_steps(ddtu * dt, length)
         ddelta = _from_steps(ddt + ddtu * us, length)
-        dA = dA_acc.sum((0, 2)).reshape(dim, dstate)
         return du, ddelta, dA, _bc_from_steps(dBs, length), _bc_from_steps(dCs, length), dh0, None
 
 
