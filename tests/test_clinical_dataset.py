@@ -278,3 +278,27 @@ def test_subjects_without_a_patient_record_are_left_out_and_counted(synthea_even
     assert sum(m["subjects"].values()) == subjects.height - 1
     got = pl.concat([scan_rows(tmp_path / "ds", s).collect() for s in ("train", "val", "test")])
     assert dropped not in got.get_column("subject_id").to_list() and got.height > 1000
+
+
+def test_next_encounter_type_matches_raw_fhir(rows, raw_facts, pid_of, synthea_bundles):
+    # Raw class codes to the task's groups (inpatient, emergency, ambulatory; 3 = none); urgent care (an AMB
+    # encounter typed 702927004) is emergency, but the shared data has none, which the event store confirms.
+    group = {"IMP": 0, "EMER": 1, "AMB": 2}
+    checked = 0
+    for sid, pt, label in _task(rows, "next_encounter_type_90d"):
+        pid = pid_of[sid]
+        death = raw_facts["deaths"][pid]
+        nxt = [
+            (s, group[c]) for c, s, _ in raw_facts["encounters"][pid]
+            if pt < s <= pt + timedelta(days=90) and (death is None or s <= death)
+        ]
+        if nxt:
+            first = min(s for s, _ in nxt)
+            expected = min(g for s, g in nxt if s == first)  # a tie goes to the group listed first
+        else:
+            expected = 3
+        assert label == expected, (pid, pt)
+        checked += 1
+    assert checked > 1000
+    counts = rows.filter(pl.col("task") == "next_encounter_type_90d").group_by("label").len()
+    assert counts.height == 4  # every class occurs

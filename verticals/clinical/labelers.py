@@ -208,13 +208,24 @@ class ClinicalTask:
         )
 
     def _first_after(self, c: pl.DataFrame, enc: pl.DataFrame, classes: list[str]) -> pl.DataFrame:
-        """The first encounter of `classes` starting strictly after each sample's prediction time."""
-        later = enc.filter(pl.col("class").is_in(classes)).select(
-            "subject_id", pl.col("start").alias("_next_start"), pl.col("class").alias("_next_class"),
-            pl.col("encounter_id").alias("_next_id"),
+        """The first encounter of `classes` starting strictly after each sample's prediction time.
+
+        Encounters starting at the same instant (Synthea opens an emergency and an inpatient encounter together)
+        resolve to the class listed first in `classes`, then the encounter id, so the answer never depends on order.
+        """
+        priority = {cls: i for i, cls in enumerate(classes)}
+        later = (
+            enc.filter(pl.col("class").is_in(classes))
+            .select(
+                "subject_id", pl.col("start").alias("_next_start"), pl.col("class").alias("_next_class"),
+                pl.col("encounter_id").alias("_next_id"),
+                pl.col("class").replace_strict(priority, return_dtype=pl.Int32).alias("_prio"),
+            )
+            .sort("subject_id", "_next_start", "_prio", "_next_id")
+            .unique(subset=["subject_id", "_next_start"], keep="first", maintain_order=True)
+            .drop("_prio")
+            .sort("_next_start")
         )
-        # Ties at the same start resolve by class name then id, so reruns agree.
-        later = later.sort("_next_start", "_next_class", "_next_id")
         return (
             c.with_row_index("_r")
             .sort("prediction_time")
@@ -247,7 +258,7 @@ class ClinicalTask:
     def _next_class(self, c: pl.DataFrame, enc: pl.DataFrame, rule: NextEncounterClassRule) -> pl.DataFrame:
         groups = list(rule.classes)
         member = {cls: i for i, g in enumerate(groups) for cls in rule.classes[g]}
-        c = self._first_after(c, enc, list(member))
+        c = self._first_after(c, enc, [cls for g in groups for cls in rule.classes[g]])
         in_window = (
             pl.col("_next_start").is_not_null()
             & (pl.col("_next_start") <= pl.col("window_end"))

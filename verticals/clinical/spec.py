@@ -78,7 +78,9 @@ class LengthOfStayRule(_Strict):
 
 
 class NextEncounterClassRule(_Strict):
-    """Multiclass: the group of the first encounter starting inside the window, or `none_class` if none does."""
+    """Multiclass: the group of the first encounter starting inside the window, or `none_class` if none does.
+
+    Encounters starting at the same instant resolve to the group listed first."""
 
     rule: Literal["next_encounter_class"]
     classes: dict[str, list[str]]
