@@ -64,7 +64,7 @@ def _clone_bytes(raw: bytes, clone: int) -> bytes:
 
 def generate(target_bytes: int, dest: Path) -> tuple[list[Path], int]:
     """Clone the shared bundles into `dest` until `target_bytes` of JSON; returns files and JSON bytes."""
-    marker = dest / "DONE.json"
+    marker = dest.with_name(dest.name + ".done.json")  # beside, not inside: the ingest reads every .json
     if marker.exists():
         meta = json.loads(marker.read_text())
         if meta["target_bytes"] == target_bytes:

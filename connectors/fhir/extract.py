@@ -85,10 +85,11 @@ EVENT_FIELDS = (
 class EventColumns:
     """Event rows as tuples in EVENT_FIELDS order; `columns()` transposes them for a polars frame."""
 
-    __slots__ = ("rows",)
+    __slots__ = ("rows", "text_bytes")
 
     def __init__(self) -> None:
         self.rows: list[tuple] = []
+        self.text_bytes = 0  # notes can be large; the caller spills on this as well as on row count
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -277,6 +278,8 @@ class Emitter:
 
     def __call__(self, subject, time, code, numeric=None, text=None, unit=None, encounter=None) -> None:
         ctx = self.ctx
+        if text is not None:
+            self.cols.text_bytes += len(text)
         self.cols.rows.append(
             (subject, time, code, numeric, text, unit, encounter, self.rtype, self.rid,
              ctx.file_index, ctx.position, self.seq, self.updated)

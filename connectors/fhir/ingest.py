@@ -25,8 +25,9 @@ from connectors.fhir.extract import EventColumns, ResourceContext, Unmappable
 from kit.errors import KitError
 
 SPILL_ROWS = 250_000
+SPILL_TEXT_BYTES = 64 << 20
 # One output shard per this much JSON (estimated for gzip); keeps each shard's sort well inside memory.
-JSON_BYTES_PER_SHARD = 2 << 30
+JSON_BYTES_PER_SHARD = 1 << 30
 GZIP_RATIO_ESTIMATE = 8
 # Below this much input, a process pool costs more (interpreter start-up) than it saves.
 POOL_MIN_BYTES = 16 << 20
@@ -162,7 +163,7 @@ class _TaskRun:
         if out is not None:  # a Patient
             self.result.patients.append(out)
         self.result.counts[(rtype, INGESTED)] += 1
-        if len(self.cols) >= SPILL_ROWS:
+        if len(self.cols) >= SPILL_ROWS or self.cols.text_bytes >= SPILL_TEXT_BYTES:
             self.spill()
 
     def run_file(self, file_index: int, path: str, kind: str, name: str) -> None:

@@ -127,7 +127,8 @@ def _dedup(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     return kept, losers
 
 
-def _sorted_events(df: pl.DataFrame) -> pl.DataFrame:
+def _sort_order(df: pl.DataFrame) -> pl.Series:
+    """Row order of a bucket: (subject_id, time, encounter start first / end last, file, position, event index)."""
     rank = (
         pl.when((pl.col("source_type") == "Encounter") & pl.col("code").str.ends_with("/START"))
         .then(0)
@@ -135,9 +136,18 @@ def _sorted_events(df: pl.DataFrame) -> pl.DataFrame:
         .then(2)
         .otherwise(1)
     )
-    return df.with_columns(rank.alias("_rank")).sort(
+    keys = df.select("subject_id", "time", rank.alias("_rank"), "file_index", "position", "seq")
+    return keys.with_row_index("_row").sort(
         ["subject_id", "time", "_rank", "file_index", "position", "seq"], nulls_last=False
-    )
+    )["_row"]
+
+
+def write_sorted(df: pl.DataFrame, path: Path, order: pl.Series) -> None:
+    """Write `df` in `order` one row group at a time, so sorting never holds a second full copy (notes are big)."""
+    with pq.ParquetWriter(path, EVENT_ARROW, **PARQUET_OPTIONS) as out:
+        for start in range(0, len(order), ROW_GROUP_SIZE):
+            part = df[order[start : start + ROW_GROUP_SIZE]].select(list(EVENT_SCHEMA))
+            out.write_table(part.to_arrow().cast(EVENT_ARROW), row_group_size=ROW_GROUP_SIZE)
 
 
 def write_shards(
@@ -164,9 +174,8 @@ def write_shards(
         df, losers = _dedup(df)
         if losers.height:
             dropped.append(losers)
-        df = _sorted_events(df)
-        events = df.select(list(EVENT_SCHEMA))
-        write_table(events, data / f"shard-{stats['shards']:05d}.parquet", EVENT_ARROW)
+        write_sorted(df, data / f"shard-{stats['shards']:05d}.parquet", _sort_order(df))
+        events = df.select("subject_id", "code")
         code_counts.append(events.group_by("code").len())
         stats["events"] += events.height
         stats["subjects_with_events"] += events.select(pl.col("subject_id").n_unique()).item()
