@@ -116,3 +116,21 @@ def test_bulk_ndjson_set_ingests(shared_data, tmp_path):
     assert deaths == 3
     notes = scan_events(tmp_path / "events").filter(pl.col("source_type") == "DocumentReference").collect()
     assert notes["text_value"].null_count() == 0 and notes["encounter_id"].null_count() == 0
+
+
+def test_sharded_output_keeps_each_subject_in_one_shard(example_store, tmp_path):
+    single, _ = example_store
+    s = run_ingest([EXAMPLE_FHIR], tmp_path / "sharded", workers=1, shard_mb=4)
+    shards = sorted((tmp_path / "sharded" / "data").glob("*.parquet"))
+    assert s.shards == len(shards) >= 3
+    seen: dict[int, str] = {}
+    for shard in shards:
+        df = pl.read_parquet(shard)
+        keyed = df.select("subject_id", pl.col("time").fill_null(pl.datetime(1, 1, 1)))
+        assert keyed.equals(keyed.sort(["subject_id", "time"], maintain_order=True))
+        for sid in df["subject_id"].unique():
+            assert seen.setdefault(sid, shard.name) == shard.name
+    order = ["subject_id", "time", "code", "source_id", "numeric_value", "text_value"]
+    a = scan_events(single).collect().sort(order, nulls_last=False)
+    b = scan_events(tmp_path / "sharded").collect().sort(order, nulls_last=False)
+    assert a.equals(b)

@@ -69,6 +69,7 @@ def run_ingest(
     workers: int = 0,
     name: str | None = None,
     show_progress: bool = False,
+    shard_mb: int | None = None,
 ) -> IngestSummary:
     """Ingest `paths` into the event store `out` (written atomically). Raises KitError for user mistakes."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
@@ -92,6 +93,8 @@ def run_ingest(
     names = ingest.display_names(files, paths)
     kinds = [f.kind for f in files]
     opts = ingest.IngestOptions(validate_full=validate_full, fail_fast=fail_fast, workers=workers)
+    if shard_mb:
+        opts = ingest.IngestOptions(validate_full, fail_fast, workers, shard_json_bytes=shard_mb << 20)
 
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -268,6 +271,9 @@ def ingest_fhir(
     ),
     workers: int = typer.Option(0, "--workers", help="Parsing processes (0: one per CPU core)."),
     name: str = typer.Option(None, "--name", help="Dataset name for metadata/dataset.json (default: DIR's name)."),
+    shard_mb: int = typer.Option(
+        1024, "--shard-mb", help="About this many MB of input JSON per output shard (gzip counted as 8x its size)."
+    ),
 ) -> None:
     """Ingest FHIR R4 Bundles and Bulk Data NDJSON into a MEDS event store.
 
@@ -287,5 +293,6 @@ def ingest_fhir(
         workers=workers,
         name=name,
         show_progress=True,
+        shard_mb=shard_mb,
     )
     print_summary(summary)

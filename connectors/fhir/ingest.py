@@ -51,6 +51,7 @@ class IngestOptions:
     validate_full: bool = False
     fail_fast: bool = False
     workers: int = 0  # 0: one per CPU core
+    shard_json_bytes: int = JSON_BYTES_PER_SHARD
 
 
 @dataclass
@@ -320,7 +321,7 @@ def parse_inputs(
 ) -> tuple[list[TaskResult], int]:
     """Run every parsing task; returns the task results in task order and the number of buckets."""
     json_bytes = _estimated_json_bytes(files)
-    n_buckets = max(1, math.ceil(json_bytes / JSON_BYTES_PER_SHARD))
+    n_buckets = max(1, math.ceil(json_bytes / opts.shard_json_bytes))
     cpus = os.cpu_count() or 1
     workers = opts.workers or cpus
     if json_bytes < POOL_MIN_BYTES:
