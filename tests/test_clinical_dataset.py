@@ -302,3 +302,22 @@ def test_next_encounter_type_matches_raw_fhir(rows, raw_facts, pid_of, synthea_b
     assert checked > 1000
     counts = rows.filter(pl.col("task") == "next_encounter_type_90d").group_by("label").len()
     assert counts.height == 4  # every class occurs
+
+
+def test_refuses_foreign_directory_and_interrupted_build_leaves_nothing(synthea_events, tmp_path, dataset):
+    from kit.errors import KitError
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(KitError, match="not a dataset written by `kit dataset build`"):
+        build_dataset("clinical", synthea_events, foreign, load_config(None, ["tasks=[readmission_30d]"]))
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+    def stop(done, total):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "ds"
+    with pytest.raises(KeyboardInterrupt):
+        build_dataset("clinical", synthea_events, out, load_config(None, ["tasks=[readmission_30d]"]), on_chunk=stop)
+    assert not out.exists() and list(tmp_path.iterdir()) == [foreign]

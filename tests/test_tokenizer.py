@@ -141,3 +141,35 @@ def test_splits_and_mixing():
     assert prop["b"] < t2["b"] < flat["b"]
     tilted = mixing_weights(sizes, MixingConfig(temperature=1.0, weights={"b": 100}))
     assert tilted["b"] == pytest.approx(0.5)
+
+
+def test_windows_invariants_hold_for_any_time_and_length(encoded):
+    """Property test: for random subjects, prediction times and max_len, a window is exactly the tokens strictly
+    before the time, left-truncated behind [CLS] and the static tokens."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    sids = encoded.get_column("subject_id").unique().sort().to_list()
+    per_subject = {sid: encoded.filter(pl.col("subject_id") == sid) for sid in sids}
+    prefix_types = [TOKEN_TYPES["special"], TOKEN_TYPES["static"]]
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.sampled_from(sids), st.floats(0, 1.05), st.integers(8, 300))
+    def check(sid, frac, max_len):
+        seq = per_subject[sid]
+        t0, t1 = seq.get_column("time").min(), seq.get_column("time").max()
+        pt = t0 + (t1 - t0) * frac
+        row = windows(encoded, pl.DataFrame({"subject_id": [sid], "prediction_time": [pt]}), max_len).row(0, named=True)
+        ids = seq.filter(pl.col("time") < pt).get_column("token_id").to_list()
+        assert row["n_tokens"] == min(len(ids), max_len) == len(row["input_ids"])
+        if row["n_tokens"]:
+            assert max(row["token_time"]) < pt
+        if len(ids) <= max_len:
+            assert row["input_ids"] == ids
+        else:
+            n_prefix = min(seq.filter(pl.col("type").is_in(prefix_types)).height, max_len // 2)
+            assert row["input_ids"] == ids[:n_prefix] + ids[len(ids) - (max_len - n_prefix):]
+        visits = [v for v in row["token_visit"] if v > 0]
+        assert not visits or min(visits) == 1
+
+    check()

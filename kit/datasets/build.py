@@ -224,6 +224,11 @@ def build_dataset(
     """Build the dataset and return its manifest. `on_stage(text)` and `on_chunk(done, total)` report progress."""
     stage = on_stage or (lambda _text: None)
     events_dir, out_dir = Path(events_dir), Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists())):
+        raise KitError(
+            f"{out_dir}: exists and is not a dataset written by `kit dataset build`; refusing to replace it",
+            hint="choose a new --out directory (an existing dataset there is replaced atomically)",
+        )
     vertical = registry.vertical(vertical_name)
     specs = vertical.load_tasks(config.tasks, config.task_files)
     subjects = read_subjects(events_dir)
