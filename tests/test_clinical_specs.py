@@ -129,3 +129,15 @@ def test_example_build_config_is_the_defaults():
 
     example = Path(__file__).resolve().parents[1] / "examples" / "clinical-dataset.yaml"
     assert load_config(example) == load_config(None)
+
+
+def test_vertical_ingests_raw_fhir_through_the_connector(tmp_path):
+    """`kit finetune --data raw/fhir` relies on the vertical turning raw records into an event store."""
+    from pathlib import Path
+
+    from kit.events import is_event_store, read_subjects
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "data" / "fhir" / "bulk-ndjson"
+    out = tmp_path / "events"
+    registry.vertical("clinical").ingest([example], out, workers=1)
+    assert is_event_store(out) and read_subjects(out).height > 0

@@ -9,11 +9,11 @@ from typing import Any
 
 import polars as pl
 
+import yaml
+
 from kit.errors import KitError
 from verticals.clinical.labelers import ClinicalTask, FollowUp, choose_condition_codes
 from verticals.clinical.spec import NewConditionRule, NextEncounterClassRule, TaskSpec, load_task_spec, parse_task_spec
-
-import yaml
 
 TASKS_PACKAGE = "verticals.clinical.tasks"
 
@@ -36,6 +36,12 @@ class ClinicalVertical:
         from connectors.fhir.cli import print_summary, run_ingest
 
         print_summary(run_ingest(list(paths), out, show_progress=True))
+
+    def ingest(self, paths: list[Path], out: Path, **options: Any) -> Any:
+        """Raw clinical records (FHIR Bundles / Bulk NDJSON) to an event store, through the FHIR connector."""
+        from connectors.fhir.cli import run_ingest
+
+        return run_ingest([Path(p) for p in paths], Path(out), **options)
 
     def task_names(self) -> list[str]:
         return list(_shipped())
