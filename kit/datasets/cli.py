@@ -79,9 +79,9 @@ def small_task_warnings(manifest: dict, threshold: int) -> list[str]:
             out.append(f"task {name}: only {total['samples']} samples ({nums})")
         elif task["type"] == "binary" and pos < 5:
             out.append(f"task {name}: only {pos} positives ({nums}); metrics on it will be unreliable")
-        train = task["counts"]["train"]["samples"]
-        if total["samples"] and train == 0:
-            out.append(f"task {name}: no train samples ({nums})")
+        empty = [s for s in ("train", "val", "test") if task["counts"][s]["samples"] == 0]
+        if total["samples"] and empty:
+            out.append(f"task {name}: no {'/'.join(empty)} samples ({nums})")
     return out
 
 
@@ -166,6 +166,8 @@ def show_command(path: Path = typer.Argument(..., help="A dataset directory writ
     console.print(head)
     console.print(cohort_table(m, "tasks (all splits)"))
     console.print(cohort_table(m, "per split", by_split=True))
+    for w in small_task_warnings(m, m["config"].get("min_cohort_warning", 20)):
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
     for name, task in m["tasks"].items():
         if task.get("classes"):
             descr = task.get("class_descriptions") or task["classes"]
