@@ -82,6 +82,7 @@ def test_r5_only_field_is_quarantined_naming_the_version(tmp_path):
     (q,) = _quarantine(tmp_path / "out")
     assert q["position"] == "line 3" and q["resource_id"] == encounters[2]["id"]
     assert q["reason"].startswith("unsupported FHIR version R5") and "actualPeriod" in q["reason"]
+    assert s.other_versions == {"R5": 1}
 
 
 def test_all_r5_input_fails_with_the_version_and_writes_nothing(tmp_path):

@@ -41,6 +41,7 @@ class IngestSummary:
     events_without_patient: int
     json_bytes: int
     seconds: float
+    other_versions: dict = field(default_factory=dict)  # FHIR version -> records rejected as that version
     report: dict = field(default_factory=dict)
 
     def by_type(self) -> list[tuple[str, int, int, int]]:
@@ -120,7 +121,9 @@ def run_ingest(
         patients = []
         descriptions: dict[str, str] = {}
         json_bytes = 0
+        versions: Counter = Counter()
         for r in results:
+            versions.update(r.versions)
             counts.update(r.counts)
             patients.extend(r.patients)
             for code, text in r.descriptions.items():
@@ -154,6 +157,7 @@ def run_ingest(
             "duplicate_copies_dropped": duplicates,
             "subjects_without_patient": stats["subjects_without_patient"],
             "events_without_patient": stats["events_without_patient"],
+            "rejected_as_other_fhir_version": dict(sorted(versions.items())),
         }
         writer.write_metadata(tmp, name or out.name, subjects, codes, report)
         (tmp / OWNER_FILE).unlink()
@@ -171,6 +175,7 @@ def run_ingest(
         events_without_patient=stats["events_without_patient"],
         json_bytes=json_bytes,
         seconds=time.perf_counter() - start,
+        other_versions=dict(sorted(versions.items())),
         report=report,
     )
 
@@ -244,6 +249,10 @@ def print_summary(s: IngestSummary) -> None:
     )
     if s.quarantined:
         console.print(f"[yellow]{s.quarantined:,} records quarantined[/] -> {s.out / 'quarantine.ndjson'}")
+    for version, n in s.other_versions.items():
+        console.print(
+            f"[bold red]{n:,} records read as FHIR {version}[/], not R4: kit reads R4/R4B; they are in quarantine.ndjson"
+        )
     if s.duplicates:
         console.print(f"[yellow]{s.duplicates:,} duplicate resource copies dropped[/] (listed in quarantine.ndjson)")
     if s.subjects_without_patient:

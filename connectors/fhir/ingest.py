@@ -33,6 +33,7 @@ GZIP_RATIO_ESTIMATE = 8
 POOL_MIN_BYTES = 16 << 20
 
 INGESTED, REJECTED, NOT_USED = "ingested", "rejected", "not used"
+VERSION_PREFIX = "unsupported FHIR version "
 
 
 class RecordRejected(Exception):
@@ -64,6 +65,7 @@ class TaskResult:
     quarantine: str | None = None
     patients: list = field(default_factory=list)
     descriptions: dict[str, str] = field(default_factory=dict)
+    versions: Counter = field(default_factory=Counter)  # records rejected as another FHIR version, by version
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,8 @@ class _TaskRun:
             raise RecordRejected(f"{name}, {where}: {reason}" + (f" ({rtype}/{rid})" if rid else ""), reason)
         self.result.counts[(rtype or "(not a resource)", REJECTED)] += 1
         self.rejected += 1
+        if reason.startswith(VERSION_PREFIX):
+            self.result.versions[reason[len(VERSION_PREFIX) :].split(" ", 1)[0]] += 1
         if self.rejected % 10_000 == 0:
             gc.collect()  # validation errors can leave reference cycles behind
         if self.qfh is None:
