@@ -321,3 +321,18 @@ def test_refuses_foreign_directory_and_interrupted_build_leaves_nothing(synthea_
     with pytest.raises(KeyboardInterrupt):
         build_dataset("clinical", synthea_events, out, load_config(None, ["tasks=[readmission_30d]"]), on_chunk=stop)
     assert not out.exists() and list(tmp_path.iterdir()) == [foreign]
+
+
+def test_text_form_of_a_row(rows, dataset, synthea_events):
+    from kit.datasets.text import history_text
+    from kit.events import read_codes
+
+    tk = Tokenizer.load(dataset / "tokenizer.json")
+    describe = dict(read_codes(synthea_events).select("code", "description").iter_rows())
+    row = rows.filter(pl.col("task") == "readmission_30d").sort("n_tokens").row(-1, named=True)
+    text = history_text(row["input_ids"], row["token_time"], row["token_age"], row["token_type"], row["prompt"], tk, describe)
+    lines = text.splitlines()
+    assert lines[0].startswith("History") and lines[-1] == f"Question: {row['prompt']}"
+    n_visits = sum(1 for t in row["input_ids"] if t == tk.token_to_id["[VS]"])
+    assert n_visits <= len(lines) - 2 <= n_visits + 2  # one line per visit, plus what lies outside visits
+    assert "(bin " in text and "visit (INPATIENT)" in text

@@ -201,6 +201,7 @@ def tokenize_command(
     events: Path = typer.Option(None, "--events", help="Event store (default: the dataset's)."),
     before: str = typer.Option(None, "--before", help="Only tokens strictly before this time (ISO), as a sample sees them."),
     limit: int = typer.Option(400, "--limit", help="Show at most the last N tokens (0 = all)."),
+    text: bool = typer.Option(False, "--text", help="Print the text form a text-LM backbone reads instead of a table."),
 ) -> None:
     """Print a subject's token sequence, human-readable: time, age, type, visit, token and code description.
 
@@ -246,6 +247,17 @@ def tokenize_command(
         describe = {}
     n = tokens.height
     shown = tokens.tail(limit) if limit else tokens
+    if text:
+        from kit.datasets.text import history_text
+
+        console.print(
+            history_text(
+                shown.get_column("token_id").to_list(), shown.get_column("time").to_list(),
+                shown.get_column("age").to_list(), shown.get_column("type").to_list(), "(the task prompt)", tk, describe,
+            ),
+            highlight=False, markup=False,
+        )
+        return
     t = Table(title=f"subject {sid} ({match.item(0, 'source_subject_id')}): {n:,} tokens"
               + (f", last {shown.height} shown" if shown.height < n else ""), title_justify="left")
     for col, just in [("#", "right"), ("time", "left"), ("age", "right"), ("type", "left"), ("visit", "right"),
