@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import typer
@@ -81,8 +82,9 @@ def _fmt(m: dict | None, key: str) -> str:
 
 def results_table(metrics: dict) -> Table:
     table = Table(title=f"test split: {metrics.get('backbone')} ({metrics.get('size')}) vs count-feature logistic regression")
-    for col in ("task", "type", "n", "prevalence", "AUROC", "AUPRC / acc.", "baseline AUROC", "baseline AUPRC / acc."):
-        table.add_column(col, justify="left" if col in ("task", "type") else "right")
+    table.add_column("task", no_wrap=True)
+    for col in ("type", "n", "prevalence", "AUROC", "AUPRC / acc.", "baseline AUROC", "baseline AUPRC / acc."):
+        table.add_column(col, justify="left" if col == "type" else "right")
     for name, t in metrics["tasks"].items():
         prev = t.get("prevalence")
         prev_s = f"{prev:.3f}" if isinstance(prev, float) else ("mixed" if prev else "-")
@@ -121,10 +123,18 @@ def finetune_command(
     cfg = _overrides(config, sets, backbone, size, lora, keep_forecasting, device)
     if resume and workdir is None:
         raise KitError("--resume needs the --workdir of the interrupted run")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and workdir is None:
+        raise KitError("a distributed run (torchrun) needs an explicit --workdir shared by every rank")
     req = FinetuneRequest(vertical=vertical, data=list(data), workdir=workdir or default_workdir(vertical), config=cfg,
                           dataset_overrides=list(dataset_sets), base_model=base_model, resume=resume)
-    console.print(f"[bold]kit finetune[/] --vertical {vertical} -> workdir {req.workdir}")
+    from kit.train import distributed
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        console.print(f"[bold]kit finetune[/] --vertical {vertical} -> workdir {req.workdir}")
     result = run_finetune(req, console.print, _progress_factory())
+    distributed.shutdown()
+    if result.bundle_dir is None:  # a non-zero rank of a distributed run
+        return
     console.print(results_table(result.metrics))
     console.print(f"bundle: {result.bundle_dir}  packed: {result.bundle_file}  ({result.metrics['wall_seconds']:.0f}s)")
 

@@ -68,6 +68,7 @@ class TrainConfig(_Section):
     pretrain: PretrainSection = Field(default_factory=PretrainSection)
     finetune: FinetuneSection = Field(default_factory=FinetuneSection)
     eval_batch_size: int = Field(64, ge=1)
+    max_eval_rows: int = Field(1000, ge=1, description="Validation rows per task scored at each evaluation (fixed subsample).")
     n_bootstrap: int = Field(500, ge=0, description="Bootstrap resamples for the 95% intervals.")
 
 

@@ -18,6 +18,7 @@ from kit.eval.metrics import metric_fn
 from kit.eval.scoring import next_event_metrics, scores_from_outputs, targets_array, task_logits
 from kit.models import InputsConfig, KitModel, ModelConfig, TaskSpec, apply_lora, merge_lora
 from kit.models.config import BackboneConfig
+from kit.train import distributed
 from kit.train.batching import Row
 from kit.train.config import TrainConfig
 from kit.train.data import LoadedDataset, mixing_probabilities, sample_batch
@@ -29,11 +30,12 @@ NUM_TOKEN_TYPES = 9  # kit.tokenizer.TOKEN_TYPES
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise KitError("device 'cuda' requested but no CUDA GPU is available", hint="use --set device=cpu")
-    return torch.device(name)
+    if name == "auto" or name == "cuda":
+        if torch.cuda.is_available():
+            return torch.device("cuda", distributed.current().local_rank)
+    if name == "cuda":
+        raise KitError("device 'cuda' requested but no CUDA GPU is available", hint="use --device cpu")
+    return torch.device("cpu")
 
 
 def inputs_config(config: TrainConfig) -> InputsConfig:
@@ -82,11 +84,13 @@ def pretrain(
         raise KitError(f"{ds.root}: no train sequences to pretrain on")
     val_rows = _pick(pretraining_rows(ds, "val"), 256, config.seed)
     bs = config.pretrain.optim.batch_size
+    rank = distributed.current().rank
+    ddp = distributed.wrap(model, device)
 
     def loss_fn(step: int, micro: int):
-        rng = np.random.default_rng([config.seed, 1, step, micro])
+        rng = np.random.default_rng([config.seed, 1, step, micro, rank])
         rows = [train_rows[i] for i in rng.integers(0, len(train_rows), bs)]
-        return pretrain_loss(model.train(), rows, device, bf16=config.bf16)
+        return pretrain_loss(ddp.train(), rows, device, bf16=config.bf16)
 
     def evaluate():
         m = next_event_metrics(model, val_rows, device, bf16=config.bf16)
@@ -105,7 +109,8 @@ def validation_score(model, ds: LoadedDataset, tasks: list[TaskSpec], device, co
     """Mean over tasks of each task's primary metric on `split` (tasks whose metric is undefined are skipped)."""
     per_task = {}
     for t in tasks:
-        rows = ds.splits[split][t.name].rows
+        # A fixed subsample keeps frequent evaluation cheap; the test split is always scored in full.
+        rows = _pick(ds.splits[split][t.name].rows, config.max_eval_rows, config.seed)
         if not rows:
             continue
         metric = ds.manifest["tasks"][t.name].get("metric", "auroc")
@@ -154,11 +159,15 @@ def finetune(
     probs = mixing_probabilities(ds, [t.name for t in tasks])
     train = ds.splits["train"]
     fc = config.finetune
+    dist_info = distributed.current()
+    ddp = distributed.wrap(trainable, device)
 
     def loss_fn(step: int, micro: int):
-        rows = sample_batch(train, probs, fc.optim.batch_size, seed=config.seed, step=step, micro=micro)
-        trainable.train()
-        return multitask_loss(trainable, rows, types, device, task_weights=fc.task_weights,
+        # Each rank draws its own micro-batches; rank 0 of a plain run draws exactly what it always did.
+        key = micro + dist_info.rank * fc.optim.grad_accum
+        rows = sample_batch(train, probs, fc.optim.batch_size, seed=config.seed, step=step, micro=key)
+        ddp.train()
+        return multitask_loss(ddp, rows, types, device, task_weights=fc.task_weights,
                               focal_gamma=fc.focal_gamma, keep_forecasting=fc.keep_forecasting, bf16=config.bf16)
 
     has_val = any(ds.splits["val"][t.name].rows for t in tasks)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from kit.errors import KitError
 from kit.fsutil import atomic_dir
+from kit.train import distributed
 from kit.train.checkpoint import TrainState, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 from kit.train.config import OptimSection
 from kit.train.schedule import make_scheduler
@@ -96,11 +97,13 @@ def run_loop(
             scheduler.load_state_dict(ck.scheduler_state)
         restore_rng(ck.rng)
         state = ck.state
+    main = distributed.current().is_main
     log_path = run_dir / "metrics.jsonl"
-    log = log_path.open("a")
+    log = log_path.open("a") if main else None
 
     def checkpoint() -> None:
-        save_checkpoint(run_dir, model_state=_trainable_state(model), optimizer=optimizer, scheduler=scheduler, state=state)
+        if main:
+            save_checkpoint(run_dir, model_state=_trainable_state(model), optimizer=optimizer, scheduler=scheduler, state=state)
 
     try:
         while state.step < settings.steps and not state.extra.get("stopped_early"):
@@ -133,12 +136,14 @@ def run_loop(
                 record["eval"] = {"score": score, **details}
                 if state.best_metric is None or (not math.isnan(score) and score > state.best_metric):
                     state.best_metric, state.best_step, state.bad_evals = score, state.step, 0
-                    _save_best(run_dir, model)
+                    if main:
+                        _save_best(run_dir, model)
                 else:
                     state.bad_evals += 1
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            if progress is not None:
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if progress is not None and main:
                 progress(state.step, settings.steps, record)
             if settings.patience and state.bad_evals >= settings.patience:
                 state.extra["stopped_early"] = True
@@ -147,7 +152,9 @@ def run_loop(
             if settings.stop_at is not None and state.step >= settings.stop_at:
                 raise KeyboardInterrupt
     finally:
-        log.close()
+        if log is not None:
+            log.close()
+    distributed.barrier()  # rank 0 has written the best weights before anyone reads them
     if evaluate is not None:
         load_best(run_dir, model)
     return state

@@ -12,8 +12,8 @@ from kit.train.loss import TaskTarget, balanced_loss
 
 
 def used_inputs(model) -> list[str]:
-    """The optional per-token feature tensors the model was built with."""
-    return list(model.inputs.required)
+    """The optional per-token feature tensors the model was built with (DDP-wrapped or not)."""
+    return list(getattr(model, "module", model).inputs.required)
 
 
 def autocast(device: torch.device, bf16: bool):

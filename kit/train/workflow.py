@@ -27,11 +27,16 @@ import yaml
 from kit import registry
 from kit.errors import KitError
 from kit.events import is_event_store
+from kit.train import distributed
 from kit.train.checkpoint import list_checkpoints
 from kit.train.config import TrainConfig
 
 STAMP = ".kit-stage.json"
 Say = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
 
 
 def _sha(obj: Any) -> str:
@@ -190,15 +195,19 @@ def _train_stage(run_dir: Path, key: str, resume: bool, train: Callable[[], Any]
         say(f"[dim]{label}: reusing {model_dir}[/]")
         return KitModel.from_pretrained(model_dir)
     check_resume(run_dir, key, resume)
-    if not resume and run_dir.exists():
-        import shutil
+    if distributed.current().is_main:
+        if not resume and run_dir.exists():
+            import shutil
 
-        shutil.rmtree(run_dir)  # a stale, differently configured run: start clean
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run_key.txt").write_text(key)
+            shutil.rmtree(run_dir)  # a stale, differently configured run: start clean
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run_key.txt").write_text(key)
+    distributed.barrier()
     model = train()
-    model.save_pretrained(model_dir)
-    mark_done(run_dir, key)
+    if distributed.current().is_main:
+        model.save_pretrained(model_dir)
+        mark_done(run_dir, key)
+    distributed.barrier()
     return model
 
 
@@ -210,10 +219,18 @@ def run_finetune(req: FinetuneRequest, say: Say, progress_factory: Callable[[str
     from kit.train.finetune import finetune, pretrain, resolve_device
 
     t0 = time.perf_counter()
-    req.workdir.mkdir(parents=True, exist_ok=True)
+    dist_info = distributed.init_from_env()
+    if not dist_info.is_main:
+        say = _quiet  # one rank speaks and writes
+        progress_factory = lambda label, total: None  # noqa: E731
     cfg = req.config
-    (req.workdir / "train_config.yaml").write_text(train_config_yaml(cfg))
-    dataset_dir = prepare_dataset(req, say)
+    if dist_info.is_main:
+        req.workdir.mkdir(parents=True, exist_ok=True)
+        (req.workdir / "train_config.yaml").write_text(train_config_yaml(cfg))
+        dataset_dir = prepare_dataset(req, say)
+    distributed.barrier()
+    if not dist_info.is_main:
+        dataset_dir = prepare_dataset(req, say)  # built by rank 0: found by its stamp
     say(f"loading dataset {dataset_dir}")
     ds = load_dataset(dataset_dir)
     ds_key = ds.manifest.get("config_hash", "")
@@ -226,7 +243,7 @@ def run_finetune(req: FinetuneRequest, say: Say, progress_factory: Callable[[str
             lambda: pretrain(ds, cfg, req.workdir / "pretrain", progress=progress_factory("pretrain", cfg.pretrain.steps)),
             say, "pretrain",
         )
-    if req.pretrain_only:
+    if req.pretrain_only or not dist_info.is_main:
         return FinetuneResult(req.workdir, None, None, {})
     ft_key = _sha({"dataset": ds_key, "config": cfg.model_dump(mode="json"), "base": str(req.base_model)})
     model = _train_stage(
