@@ -8,6 +8,8 @@ shapes. With CUDA the same checks run compiled, plus real shapes.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -95,11 +97,28 @@ def test_triton_two_halves_with_carried_state_equal_one_scan():
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter-only check")
-def test_triton_native_associative_scan_in_interpreter(monkeypatch):
-    # The interpreter normally swaps tl.associative_scan for a numpy loop (speed); this keeps Triton's own scan,
-    # including the reverse scan the backward uses, at one very small shape.
-    monkeypatch.setenv("KIT_TRITON_NATIVE_SCAN", "1")
-    check_against_reference(ScanCase(1, 4, 6, 2, groups=2), torch.float32, 4)
+def test_triton_native_scan_flip_and_sum_in_interpreter():
+    # The interpreter normally swaps tl.associative_scan/tl.flip/tl.sum for numpy stand-ins (speed, and those
+    # helpers only interpret when TRITON_INTERPRET is set before triton is imported). A fresh process with the
+    # variable set from the start runs Triton's own versions once, at a very small shape.
+    code = (
+        "import torch\n"
+        "from kit.kernels.testing import ScanCase, make_scan_inputs, max_scaled_error, run_scan\n"
+        "from kit.kernels.scan_reference import selective_scan_reference\n"
+        "from kit.kernels.scan_triton import selective_scan_triton\n"
+        "case = ScanCase(1, 4, 6, 2, groups=2)\n"
+        "x = make_scan_inputs(case)\n"
+        "ref = run_scan(selective_scan_reference, x, True)\n"
+        "got = run_scan(selective_scan_triton, x, True, chunk_size=4)\n"
+        "errs = [max_scaled_error(got[0], ref[0]), max_scaled_error(got[1], ref[1])]\n"
+        "errs += [max_scaled_error(got[2][k], ref[2][k]) for k in ref[2]]\n"
+        "print('max', max(errs))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "KIT_TRITON_NATIVE_SCAN": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    worst = float(out.stdout.split("max")[-1])
+    assert worst <= TOLERANCES[torch.float32][1], out.stdout
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
