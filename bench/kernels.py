@@ -200,7 +200,7 @@ def gpu_section(repeats: int) -> dict[str, Any]:
         rows.append({"impl": "reference", "fwd": {"ms": (time.perf_counter() - t) * 1e3}, "fwd_bwd": None})
     errors = {k: max_scaled_error(v, outs["reference"]) for k, v in outs.items() if k != "reference"}
     result = {"shape": GPU_SHAPE, "dtype": "bf16", "with": "z, D, delta_bias, softplus", "rows": rows,
-              "max_scaled_error_vs_reference": errors, "bars": []}
+              "max_scaled_error_vs_reference": errors, "gradient_check": gradient_check(), "bars": []}
     tri = next((r for r in rows if r["impl"] == "triton" and "error" not in r), None)
     if tri:
         result["bars"] += [
@@ -216,6 +216,33 @@ def gpu_section(repeats: int) -> dict[str, Any]:
                 result["bars"].append({"bar": f"triton / mamba_ssm time, {key} (goal <= 1.0)", "value": f"{ratio:.2f}",
                                        "pass": ratio <= 1.0})
     return result
+
+
+def gradient_check() -> dict[str, Any]:
+    """Triton vs the reference at the benchmark shape: y, last state and every input gradient (bf16 and fp32).
+
+    Runs where pytest may be missing (the GPU machine); the same checks live in tests/test_kernels_triton.py.
+    """
+    import torch
+
+    from kit.kernels.scan_reference import selective_scan_reference
+    from kit.kernels.scan_triton import selective_scan_triton
+    from kit.kernels.testing import ScanCase, make_scan_inputs, max_scaled_error, run_scan
+
+    report = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        case = ScanCase(GPU_SHAPE["batch"], GPU_SHAPE["dim"], GPU_SHAPE["length"], GPU_SHAPE["dstate"])
+        try:
+            x = make_scan_inputs(case, dtype, device="cuda")
+            y_ref, last_ref, g_ref = run_scan(selective_scan_reference, x, True)
+            y, last, g = run_scan(selective_scan_triton, x, True)
+            errs = {"y": max_scaled_error(y, y_ref), "last_state": max_scaled_error(last, last_ref)}
+            errs.update({f"grad_{k}": max_scaled_error(g[k], g_ref[k]) for k in g_ref})
+            report[str(dtype).replace("torch.", "")] = errs
+        except Exception as err:  # noqa: BLE001 - recorded, the benchmark goes on
+            report[str(dtype).replace("torch.", "")] = {"error": f"{type(err).__name__}: {err}"[:300]}
+        torch.cuda.empty_cache()
+    return report
 
 
 def show(report: dict[str, Any]) -> None:
@@ -250,6 +277,9 @@ def show(report: dict[str, Any]) -> None:
                           f"{r['fwd'].get('peak_mem_mb', 0):.0f}", f"{both['peak_mem_mb']:.0f}" if both else "-",
                           "-" if err is None else f"{err:.1e}")
         console.print(table)
+        for dtype, errs in gpu["gradient_check"].items():
+            worst = max(errs.values()) if "error" not in errs else errs["error"]
+            console.print(f"triton vs reference, {dtype}, outputs and all input gradients: worst scaled error {worst}")
         bars += gpu["bars"]
     summary = Table(title="Bars")
     for col in ("bar", "value", "result"):

@@ -17,13 +17,15 @@ import torch.nn.functional as F
 
 from kit.kernels._inputs import check_scan_shapes, compute_dtype
 
-# Elements per step tensor (batch * dim * chunks * dstate) that keep each step's work in cache while
-# amortising Python's per-op overhead; tuned on a 2-core CPU (see bench/kernels.py).
-TARGET_STEP_ELEMENTS = 1 << 17
+# Elements per step tensor (batch * dim * chunks * dstate): on CPU small enough to stay in cache while
+# amortising Python's per-op overhead (tuned on a 2-core CPU, see bench/kernels.py); on a GPU large enough
+# that each step's kernels fill the device.
+TARGET_STEP_ELEMENTS = {"cpu": 1 << 17, "cuda": 1 << 23}
 
 
-def pick_chunk_size(batch: int, dim: int, length: int, dstate: int) -> int:
-    chunks = max(1, min(length, TARGET_STEP_ELEMENTS // max(1, batch * dim * dstate)))
+def pick_chunk_size(batch: int, dim: int, length: int, dstate: int, device: str = "cpu") -> int:
+    target = TARGET_STEP_ELEMENTS.get(device, TARGET_STEP_ELEMENTS["cpu"])
+    chunks = max(1, min(length, target // max(1, batch * dim * dstate)))
     return math.ceil(length / chunks)
 
 
@@ -185,7 +187,7 @@ def selective_scan_chunked(
     B_c = (B if B.dim() == 4 else B.unsqueeze(1)).to(ct)
     C_c = (C if C.dim() == 4 else C.unsqueeze(1)).to(ct)
     h0 = None if initial_state is None else initial_state.to(ct)
-    chunk = chunk_size or pick_chunk_size(batch, dim, length, dstate)
+    chunk = chunk_size or pick_chunk_size(batch, dim, length, dstate, u.device.type)
     y, last = ChunkedScan.apply(u_c, delta_c, A.to(ct), B_c, C_c, h0, min(chunk, length))
     if D is not None:
         y = y + u_c * D.to(ct)[:, None]

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One prepared GPU check for issue 4's kernels (and, when present, the backbone benchmark).
+# Runs the kernel tests at real shapes (the CUDA tests skip elsewhere), then the benchmarks, and writes
+# everything under $OUT (default bench/out/gpu): logs, JUnit XML, JSON results, nvidia-smi and versions.
+#
+#   bash bench/gpu_check.sh            # all steps (about 8-9 minutes on an H100, most of it Triton compiles)
+#   bash bench/gpu_check.sh tests      # one step: tests | kernels | backbones
+#
+# Needs torch with CUDA, triton, typer and rich; not polars/pydantic (kit.kernels does not import them).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/out/gpu}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+STEP="${1:-all}"
+status=0
+
+{
+  date -u
+  nvidia-smi || true
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
+  python -c "import mamba_ssm; print('mamba_ssm', mamba_ssm.__version__)" 2>&1 | tail -1
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+run() {  # name, timeout seconds, command...
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $((SECONDS - start))s" | tee -a "$OUT/summary.txt"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+if [ "$STEP" = all ] || [ "$STEP" = tests ]; then
+  # One block shape for the tests keeps compiles short; the benchmark below autotunes.
+  if python -c "import pytest" 2>/dev/null; then
+    KIT_TRITON_AUTOTUNE=0 run tests 240 python -m pytest -q -x -p no:cacheprovider \
+      --junitxml="$OUT/tests.xml" tests/test_kernels_triton.py tests/test_kernels.py
+  else
+    echo "== tests: pytest is not installed here; bench/kernels.py still checks outputs and gradients" | tee -a "$OUT/summary.txt"
+  fi
+fi
+if [ "$STEP" = all ] || [ "$STEP" = kernels ]; then
+  run kernels 200 python bench/kernels.py --no-cpu --out "$OUT/kernels.json"
+fi
+if { [ "$STEP" = all ] || [ "$STEP" = backbones ]; } && [ -f bench/backbones.py ]; then
+  run backbones 150 python bench/backbones.py --device cuda --no-hf --out "$OUT/backbones.json"
+fi
+exit $status
