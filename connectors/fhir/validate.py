@@ -11,8 +11,6 @@ import json
 from functools import cache
 from pathlib import Path
 
-import pydantic
-
 SUPPORTED_VERSION = "R4"
 # Element names of every R4B resource type, generated from fhir.resources by `build_r4_element_table` (a test
 # checks it still matches). Importing the models costs seconds per process; the fast path only needs the names.
@@ -105,7 +103,7 @@ def unknown_elements(resource: dict, resource_type: str) -> list[str]:
     return sorted(extra) if extra else []
 
 
-def _format_errors(exc: pydantic.ValidationError, limit: int = 3) -> str:
+def _format_errors(exc, limit: int = 3) -> str:
     parts = []
     for err in exc.errors(include_input=False, include_url=False)[:limit]:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "root") or "(resource)"
@@ -142,6 +140,8 @@ def detect_version(resource: dict) -> str | None:
 def validation_error(resource: dict) -> str | None:
     """None if the resource is valid R4 (R4B models); else a reason naming fields, never values."""
     rtype = resource.get("resourceType")
+    import pydantic  # only on this slow path: the fast path never pays for the import
+
     cls = _r4b_class(rtype) if isinstance(rtype, str) else None
     if cls is None:
         return f"resourceType {rtype!r} is not defined by FHIR R4" if isinstance(rtype, str) else "no resourceType"

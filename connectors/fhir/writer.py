@@ -11,12 +11,11 @@ import datetime as dt
 import json
 import shutil
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 
 import orjson
 import polars as pl
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from connectors.fhir import extract, sources
 from connectors.fhir.extract import EventColumns, PatientRow
@@ -42,41 +41,51 @@ INTERNAL_SCHEMA: dict[str, pl.DataType] = {
 REPORT_FILE = "metadata/ingest_report.json"
 PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 3, "write_statistics": True}
 ROW_GROUP_SIZE = 128_000
-# The exact Arrow types MEDS 0.4 checks (meds.DataSchema / CodeMetadataSchema); polars alone writes large_string.
-EVENT_ARROW = pa.schema(
-    [
-        ("subject_id", pa.int64()),
-        ("time", pa.timestamp("us")),
-        ("code", pa.string()),
-        ("numeric_value", pa.float32()),
-        ("text_value", pa.large_string()),
-        ("unit", pa.string()),
-        ("encounter_id", pa.string()),
-        ("source_type", pa.string()),
-        ("source_id", pa.string()),
-    ]
-)
-SUBJECT_ARROW = pa.schema(
-    [
-        ("subject_id", pa.int64()),
-        ("source_subject_id", pa.string()),
-        ("birth_time", pa.timestamp("us")),
-        ("sex", pa.string()),
-        ("death_time", pa.timestamp("us")),
-    ]
-)
-CODE_ARROW = pa.schema(
-    [
-        ("code", pa.string()),
-        ("description", pa.string()),
-        ("parent_codes", pa.list_(pa.string())),
-        ("vocabulary", pa.string()),
-    ]
-)
+@cache
+def arrow_schemas() -> dict:
+    """The exact Arrow types MEDS 0.4 checks (meds.DataSchema / CodeMetadataSchema); polars alone writes
+    large_string. Built lazily: parsing workers import this module but never need pyarrow."""
+    import pyarrow as pa
+
+    return {
+        "events": pa.schema(
+            [
+                ("subject_id", pa.int64()),
+                ("time", pa.timestamp("us")),
+                ("code", pa.string()),
+                ("numeric_value", pa.float32()),
+                ("text_value", pa.large_string()),
+                ("unit", pa.string()),
+                ("encounter_id", pa.string()),
+                ("source_type", pa.string()),
+                ("source_id", pa.string()),
+            ]
+        ),
+        "subjects": pa.schema(
+            [
+                ("subject_id", pa.int64()),
+                ("source_subject_id", pa.string()),
+                ("birth_time", pa.timestamp("us")),
+                ("sex", pa.string()),
+                ("death_time", pa.timestamp("us")),
+            ]
+        ),
+        "codes": pa.schema(
+            [
+                ("code", pa.string()),
+                ("description", pa.string()),
+                ("parent_codes", pa.list_(pa.string())),
+                ("vocabulary", pa.string()),
+            ]
+        ),
+    }
 
 
-def write_table(df: pl.DataFrame, path: Path, schema: pa.Schema) -> None:
+def write_table(df: pl.DataFrame, path: Path, schema_name: str) -> None:
     """Parquet with fixed types and settings, so equal frames give byte-identical files."""
+    import pyarrow.parquet as pq
+
+    schema = arrow_schemas()[schema_name]
     pq.write_table(df.to_arrow().cast(schema), path, row_group_size=ROW_GROUP_SIZE, **PARQUET_OPTIONS)
 
 
@@ -144,10 +153,13 @@ def _sort_order(df: pl.DataFrame) -> pl.Series:
 
 def write_sorted(df: pl.DataFrame, path: Path, order: pl.Series) -> None:
     """Write `df` in `order` one row group at a time, so sorting never holds a second full copy (notes are big)."""
-    with pq.ParquetWriter(path, EVENT_ARROW, **PARQUET_OPTIONS) as out:
+    import pyarrow.parquet as pq
+
+    schema = arrow_schemas()["events"]
+    with pq.ParquetWriter(path, schema, **PARQUET_OPTIONS) as out:
         for start in range(0, len(order), ROW_GROUP_SIZE):
             part = df[order[start : start + ROW_GROUP_SIZE]].select(list(EVENT_SCHEMA))
-            out.write_table(part.to_arrow().cast(EVENT_ARROW), row_group_size=ROW_GROUP_SIZE)
+            out.write_table(part.to_arrow().cast(schema), row_group_size=ROW_GROUP_SIZE)
 
 
 def write_shards(
@@ -293,8 +305,8 @@ def write_metadata(out: Path, name: str, subjects: pl.DataFrame, codes: pl.DataF
     import meds
 
     (out / "metadata").mkdir(parents=True, exist_ok=True)
-    write_table(subjects, out / SUBJECTS_FILE, SUBJECT_ARROW)
-    write_table(codes, out / CODES_FILE, CODE_ARROW)
+    write_table(subjects, out / SUBJECTS_FILE, "subjects")
+    write_table(codes, out / CODES_FILE, "codes")
     dataset = {
         "dataset_name": name,
         "dataset_version": report.get("input_fingerprint"),
