@@ -145,12 +145,19 @@ class TreeRss:
 
 
 def run_ingest(inputs: list[Path], out: Path, extra: list[str]) -> dict:
+    import resource
+
     cmd = [sys.executable, "-m", "kit", "ingest", "fhir", *map(str, inputs), "--out", str(out), *extra]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
     with TreeRss(proc.pid) as rss:
         _, err = proc.communicate()
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds of the command and its workers (all waited for): robust to other work sharing the cores.
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0:
         raise SystemExit(f"ingest failed ({proc.returncode}): {err[-2000:]}")
     report = json.loads((out / "metadata" / "ingest_report.json").read_text())
@@ -158,6 +165,8 @@ def run_ingest(inputs: list[Path], out: Path, extra: list[str]) -> dict:
     rejected = sum(n for k, n in report["records"].items() if k.endswith("|rejected"))
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu,
+        "load_avg_1min": [load_before, os.getloadavg()[0]],
         "resources": resources,
         "rejected": rejected,
         "events": report["events"],
@@ -225,18 +234,27 @@ def main() -> None:
         r["json_mb"] = sizes[size_key] / 1e6
         r["mb_per_s"] = r["json_mb"] / r["seconds"]
         r["resources_per_s"] = r["resources"] / r["seconds"]
+        r["mb_per_cpu_s"] = r["json_mb"] / r["cpu_seconds"]
         runs[label] = r
         shutil.rmtree(out, ignore_errors=True)
 
     fast, full = runs["default (fast) path"], runs["--validate full, subset"]
-    speedup = runs["default path, subset"]["mb_per_s"] / full["mb_per_s"]
+    # Full validation is measured on a subset; its throughput (a rate) is what extrapolates to the whole set.
+    speedup = fast["mb_per_s"] / full["mb_per_s"]
+    speedup_cpu = fast["mb_per_cpu_s"] / full["mb_per_cpu_s"]
     machine = {
         "cpu": _cpu_name(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "load_avg_at_start": os.getloadavg(),
     }
-    result = {"machine": machine, "runs": runs, "parse_only_1core_mb_per_s": baseline, "fast_over_full": speedup}
+    result = {
+        "machine": machine,
+        "runs": runs,
+        "parse_only_1core_mb_per_s": baseline,
+        "fast_over_full_wall": speedup,
+        "fast_over_full_cpu": speedup_cpu,
+    }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "ingest.json").write_text(json.dumps(result, indent=2))
 
@@ -244,20 +262,22 @@ def main() -> None:
     from rich.table import Table
 
     table = Table(title=f"kit ingest fhir on {machine['cores']} cores ({machine['cpu']})", title_justify="left")
-    for c in ("run", "JSON MB", "seconds", "MB/s", "resources/s", "events", "peak RSS sum MB", "peak RSS 1 proc MB"):
+    cols = ("run", "JSON MB", "wall s", "MB/s", "resources/s", "CPU s", "MB/CPU-s", "peak RSS MB (tree)", "load")
+    for c in cols:
         table.add_column(c, justify="right" if c != "run" else "left")
     for label, r in runs.items():
         table.add_row(
             label, f"{r['json_mb']:,.0f}", f"{r['seconds']:,.1f}", f"{r['mb_per_s']:,.1f}",
-            f"{r['resources_per_s']:,.0f}", f"{r['events']:,}", f"{r['peak_rss_mb_sum']:,.0f}",
-            f"{r['peak_rss_mb_single']:,.0f}",
+            f"{r['resources_per_s']:,.0f}", f"{r['cpu_seconds']:,.1f}", f"{r['mb_per_cpu_s']:,.1f}",
+            f"{r['peak_rss_mb_sum']:,.0f}", f"{r['load_avg_1min'][0]:.1f}",
         )
-    Console().print(table)
+    Console(width=160).print(table)
     print(f"baseline gzip+orjson only, 1 core: {baseline:,.1f} MB/s")
-    print(f"default / full (same subset): {speedup:.1f}x")
+    print(f"default / full throughput: {speedup:.1f}x wall-clock, {speedup_cpu:.1f}x per CPU-second")
     bars = {
         "default >= 50 MB/s": fast["mb_per_s"] >= 50,
-        "default >= 8x full": speedup >= 8,
+        "default >= 8x full (wall)": speedup >= 8,
+        "default >= 8x full (CPU)": speedup_cpu >= 8,
         "peak RSS < 2 GB": max(r["peak_rss_mb_sum"] for r in runs.values()) < 2048,
     }
     for k, ok in bars.items():
