@@ -65,6 +65,14 @@ def test_chunked_matches_reference_fp64(case, chunk):
     check_against_reference(selective_scan_chunked, case, torch.float64, chunk_size=chunk)
 
 
+def test_chunked_without_the_decay_table_matches_reference(monkeypatch):
+    # Above DECAY_TABLE_MAX_BYTES the decays are recomputed per step instead of tabulated once.
+    import kit.kernels.scan_chunked as scan_chunked
+
+    monkeypatch.setattr(scan_chunked, "DECAY_TABLE_MAX_BYTES", 0)
+    check_against_reference(selective_scan_chunked, ScanCase(2, 8, 37, 4, groups=2), torch.float64, chunk_size=8)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case,chunk", [CASES[1], CASES[6]], ids=["l37", "grouped"])
 def test_chunked_matches_reference_per_dtype(case, chunk, dtype):

@@ -52,17 +52,41 @@ def _bc_from_steps(x: torch.Tensor, length: int) -> torch.Tensor:
 
 
 _WORKSPACE = threading.local()
+# Largest per-step decay table exp(delta A) (T, B, D, K, N) kept in the workspace; above it, decays are
+# recomputed at every step instead (slower, but memory stays at a few step-sized tensors).
+DECAY_TABLE_MAX_BYTES = 256 * 2**20
 
 
-def _workspace(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A scratch tensor reused across calls (per thread): allocating the backward's (T, B, D, K, N) state
-    buffer afresh each step costs more in page faults than the scan itself on CPU."""
+def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A scratch tensor reused across calls (per thread and name): allocating (T, B, D, K, N) buffers afresh
+    at every training step costs more in page faults than the scan itself on CPU."""
     numel = math.prod(shape)
-    buf = getattr(_WORKSPACE, "buf", None)
+    bufs = getattr(_WORKSPACE, "bufs", None)
+    if bufs is None:
+        bufs = _WORKSPACE.bufs = {}
+    buf = bufs.get(name)
     if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
-        buf = torch.empty(numel, dtype=dtype, device=device)
-        _WORKSPACE.buf = buf
+        buf = bufs[name] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel].view(shape)
+
+
+class _Decays:
+    """exp(delta_t A) for each step: one vectorised pass into the workspace when it fits, else per step."""
+
+    def __init__(self, dt: torch.Tensor, Ah: torch.Tensor, state_shape: tuple[int, ...]) -> None:
+        self.dt, self.Ah = dt, Ah
+        shape = (dt.shape[0], *state_shape)
+        self.table = None
+        if math.prod(shape) * dt.element_size() <= DECAY_TABLE_MAX_BYTES:
+            self.table = _workspace("decays", shape, dt.dtype, dt.device)
+            torch.mul(dt.unsqueeze(-1), Ah, out=self.table).exp_()
+        else:
+            self.step = torch.empty(state_shape, dtype=dt.dtype, device=dt.device)
+
+    def __getitem__(self, t: int) -> torch.Tensor:
+        if self.table is not None:
+            return self.table[t]
+        return torch.mul(self.dt[t].unsqueeze(-1), self.Ah, out=self.step).exp_()
 
 
 class ChunkedScan(torch.autograd.Function):
@@ -86,11 +110,10 @@ class ChunkedScan(torch.autograd.Function):
         state_shape = (batch, groups, nchunks, hdim, dstate)
 
         # 1) state at each chunk's end when the chunk starts from zero.
-        a = torch.empty(state_shape, dtype=u.dtype, device=u.device)
+        decays = _Decays(dt, Ah, state_shape)
         h = torch.zeros(state_shape, dtype=u.dtype, device=u.device)
         for t in range(chunk):
-            torch.mul(dt[t].unsqueeze(-1), Ah, out=a).exp_()
-            h.mul_(a).addcmul_(dtu[t].unsqueeze(-1), Bs[t].unsqueeze(-2))
+            h.mul_(decays[t]).addcmul_(dtu[t].unsqueeze(-1), Bs[t].unsqueeze(-2))
         # 2) carry states across chunk boundaries: H_k = P_k H_{k-1} + h_k.
         chunk_decay = torch.exp(dt.sum(0).unsqueeze(-1) * Ah)
         starts = torch.empty_like(h)
@@ -98,13 +121,11 @@ class ChunkedScan(torch.autograd.Function):
         for k in range(nchunks):
             starts[:, :, k] = carry
             carry = chunk_decay[:, :, k] * carry + h[:, :, k]
-        # 3) rescan every chunk from its true start state, contracting with C as we go. The decays are
-        # recomputed rather than kept from step 1: a fresh (T, B, D, K, N) buffer costs more in page faults.
+        # 3) rescan every chunk from its true start state, contracting with C as we go.
         h.copy_(starts)
         y = torch.empty((chunk, batch, groups, nchunks, hdim), dtype=u.dtype, device=u.device)
         for t in range(chunk):
-            torch.mul(dt[t].unsqueeze(-1), Ah, out=a).exp_()
-            h.mul_(a).addcmul_(dtu[t].unsqueeze(-1), Bs[t].unsqueeze(-2))
+            h.mul_(decays[t]).addcmul_(dtu[t].unsqueeze(-1), Bs[t].unsqueeze(-2))
             torch.matmul(h, Cs[t].unsqueeze(-1), out=y[t].unsqueeze(-1))
         ctx.save_for_backward(dt, us, Ah, Bs, Cs, starts, chunk_decay)
         ctx.meta = (length, dim, dstate, h0 is not None)
@@ -121,19 +142,17 @@ class ChunkedScan(torch.autograd.Function):
         dys = _to_steps(dy, groups, chunk)
 
         # Recompute the states into a reused workspace (h_{t-1} at index t) and dC along the way.
-        hs = _workspace((chunk + 1, *starts.shape), dt.dtype, dt.device)
-        a = torch.empty_like(starts)
+        hs = _workspace("states", (chunk + 1, *starts.shape), dt.dtype, dt.device)
+        decays = _Decays(dt, Ah, starts.shape)
         dCs = torch.empty_like(Cs)
         hs[0] = starts
         for t in range(chunk):
-            torch.mul(dt[t].unsqueeze(-1), Ah, out=a).exp_()
-            torch.mul(hs[t], a, out=hs[t + 1]).addcmul_(dtu[t].unsqueeze(-1), Bs[t].unsqueeze(-2))
+            torch.mul(hs[t], decays[t], out=hs[t + 1]).addcmul_(dtu[t].unsqueeze(-1), Bs[t].unsqueeze(-2))
             torch.matmul(dys[t].unsqueeze(-2), hs[t + 1], out=dCs[t].unsqueeze(-2))
         # Adjoint that each chunk sends to the state before it, from its own outputs only.
         q = torch.zeros_like(starts)
         for t in reversed(range(chunk)):
-            torch.mul(dt[t].unsqueeze(-1), Ah, out=a).exp_()
-            q.addcmul_(dys[t].unsqueeze(-1), Cs[t].unsqueeze(-2)).mul_(a)
+            q.addcmul_(dys[t].unsqueeze(-1), Cs[t].unsqueeze(-2)).mul_(decays[t])
         # Carry adjoints across chunk boundaries, right to left.
         ends = torch.empty_like(starts)
         g = torch.zeros_like(starts[:, :, 0]) if dlast is None else dlast.to(dt.dtype).reshape(batch, groups, hdim, dstate)
@@ -148,7 +167,7 @@ class ChunkedScan(torch.autograd.Function):
         dA_acc = q.zero_()
         g = ends
         for t in reversed(range(chunk)):
-            torch.mul(dt[t].unsqueeze(-1), Ah, out=a).exp_()
+            a = decays[t]
             g.addcmul_(dys[t].unsqueeze(-1), Cs[t].unsqueeze(-2))  # g_t: dL/dh_t
             torch.matmul(dtu[t].unsqueeze(-2), g, out=dBs[t].unsqueeze(-2))
             torch.matmul(g, Bs[t].unsqueeze(-1), out=ddtu[t].unsqueeze(-1))
