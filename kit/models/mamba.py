@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kit import kernels
 
@@ -189,6 +190,7 @@ class MambaBackbone(nn.Module):
         self.embeddings = nn.Embedding(spec.vocab_size, spec.hidden_size, padding_idx=None)
         self.layers = nn.ModuleList(MambaBlock(spec) for _ in range(spec.num_hidden_layers))
         self.norm_f = RMSNorm(spec.hidden_size, eps=spec.layer_norm_epsilon)
+        self.gradient_checkpointing = False
         self._init_weights()
 
     @torch.no_grad()
@@ -223,7 +225,12 @@ class MambaBackbone(nn.Module):
             layer_state = {"return_state": return_state}
             if state is not None:
                 layer_state.update(conv_state=state.conv[i], ssm_state=state.ssm[i])
-            hidden, conv_state, ssm_state = layer(hidden, attention_mask, **layer_state)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # Keep only each layer's input; recompute the layer in backward (long sequences).
+                hidden, conv_state, ssm_state = checkpoint(layer, hidden, attention_mask, use_reentrant=False,
+                                                           **layer_state)
+            else:
+                hidden, conv_state, ssm_state = layer(hidden, attention_mask, **layer_state)
             if new_state is not None:
                 new_state.conv.append(conv_state)
                 new_state.ssm.append(ssm_state)

@@ -42,6 +42,20 @@ class KitModel(nn.Module):
             self.lm_head.weight = self.backbone.get_input_embeddings().weight
         self.task_heads = TaskHeads(config.tasks, hidden)
 
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each backbone layer in backward instead of storing its activations (long sequences)."""
+        if isinstance(self.backbone, MambaBackbone):
+            self.backbone.gradient_checkpointing = enabled
+        elif hasattr(self.backbone, "activation_checkpointing_enable"):  # transformers >= 5
+            if enabled:
+                self.backbone.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                self.backbone.activation_checkpointing_disable()
+        elif enabled:
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.backbone.gradient_checkpointing_disable()
+
     @property
     def tasks(self) -> list[TaskSpec]:
         return list(self.config.tasks)
