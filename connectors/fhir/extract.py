@@ -246,10 +246,23 @@ def reference_id(ref: object, ctx: ResourceContext, expect: str | None = None, w
     return parts[-1]
 
 
+_subject_cache: dict[str, int] = {}
+
+
+def cached_subject_id(patient_id: str) -> int:
+    """subject_id_for with a cache: every resource of a patient names the same id, and hashing is not free."""
+    sid = _subject_cache.get(patient_id)
+    if sid is None:
+        if len(_subject_cache) > 500_000:
+            _subject_cache.clear()
+        sid = _subject_cache[patient_id] = subject_id_for(patient_id)
+    return sid
+
+
 def subject_of(r: dict, ctx: ResourceContext, key: str = "subject") -> int:
     if key not in r:
         raise Unmappable(f"missing subject reference ({key})")
-    return subject_id_for(reference_id(r[key], ctx, "Patient", key))
+    return cached_subject_id(reference_id(r[key], ctx, "Patient", key))
 
 
 def optional_encounter(ref: object, ctx: ResourceContext) -> str | None:
