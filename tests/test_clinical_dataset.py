@@ -336,3 +336,20 @@ def test_text_form_of_a_row(rows, dataset, synthea_events):
     n_visits = sum(1 for t in row["input_ids"] if t == tk.token_to_id["[VS]"])
     assert n_visits <= len(lines) - 2 <= n_visits + 2  # one line per visit, plus what lies outside visits
     assert "(bin " in text and "visit (INPATIENT)" in text
+
+
+def test_regression_spec_length_of_stay_in_days(synthea_events, raw_facts, pid_of, tmp_path):
+    spec = tmp_path / "los_days.yaml"
+    spec.write_text(
+        "name: los_days\ndescription: length of an inpatient stay in days\ntype: regression\nmetric: mae\n"
+        "cohort: {encounter_classes: [INPATIENT], require_end: true}\n"
+        "prediction_time: {at: encounter_start, offset_hours: 12}\nlabel: {rule: length_of_stay}\n"
+        "prompt: How many days will this stay last?\n"
+    )
+    m = build_dataset("clinical", synthea_events, tmp_path / "ds", load_config(None, [f"task_files=[{spec}]"]))
+    assert list(m["tasks"]) == ["los_days"] and m["tasks"]["los_days"]["num_outputs"] == 1
+    got = pl.concat([scan_rows(tmp_path / "ds", s).collect() for s in ("train", "val", "test")])
+    assert got.height > 100
+    for sid, pt, label in got.select("subject_id", "prediction_time", "label").rows():
+        stays = [(s, e) for c, s, e in raw_facts["encounters"][pid_of[sid]] if c == "IMP" and s + timedelta(hours=12) == pt]
+        assert stays and any(abs(label - (e - s).total_seconds() / 86400) < 1e-4 for s, e in stays)
