@@ -93,9 +93,12 @@ def run_ingest(
     files = found.files
     names = ingest.display_names(files, paths)
     kinds = [f.kind for f in files]
-    opts = ingest.IngestOptions(validate_full=validate_full, fail_fast=fail_fast, workers=workers)
-    if shard_mb:
-        opts = ingest.IngestOptions(validate_full, fail_fast, workers, shard_json_bytes=shard_mb << 20)
+    opts = ingest.IngestOptions(
+        validate_full=validate_full,
+        fail_fast=fail_fast,
+        workers=workers,
+        shard_json_bytes=(shard_mb << 20) if shard_mb else ingest.JSON_BYTES_PER_SHARD,
+    )
 
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -130,10 +133,10 @@ def run_ingest(
                 descriptions.setdefault(code, text)
             json_bytes += r.json_bytes
         ingested_total = sum(n for (_, o), n in counts.items() if o == ingest.INGESTED)
-        if ingested_total == 0 and not results_have_no_rejections(counts):
-            first = _first_quarantine_reason(results)
-            if first and "unsupported FHIR version" in first:
-                raise KitError(f"no R4 resources ingested: {first}", hint="kit reads FHIR R4 (and R4B)")
+        if ingested_total == 0 and versions:
+            # Nothing is R4: one clear error naming the version beats an empty store and a quarantine file.
+            first = _first_quarantine_reason(results, ingest.VERSION_PREFIX)
+            raise KitError(f"no R4 resources ingested: {first}", hint="kit reads FHIR R4 (and R4B)")
 
         subjects, _ = writer.subjects_table(patients)
         shard_task = progress.add_task("writing shards", total=n_buckets)
@@ -143,7 +146,7 @@ def run_ingest(
         codes = writer.codes_table(code_counts, descriptions)
         quarantined = writer.write_quarantine(tmp, [r.quarantine for r in results], dropped, kinds, names)
         shutil.rmtree(spill, ignore_errors=True)
-        duplicates = dropped.height if dropped.height else 0
+        duplicates = dropped.height
         report = {
             "inputs": [{"file": n, "bytes": f.size} for n, f in zip(names, files)],
             "skipped_files": [{"file": str(p), "reason": why} for p, why in found.skipped],
@@ -207,22 +210,16 @@ def _remove_stale_temporaries(out: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def results_have_no_rejections(counts: Counter) -> bool:
-    from connectors.fhir.ingest import REJECTED
-
-    return not any(o == REJECTED for (_, o) in counts)
-
-
-def _first_quarantine_reason(results) -> str | None:
+def _first_quarantine_reason(results, prefix: str) -> str | None:
     import orjson
 
     for r in results:
         if r.quarantine:
             with open(r.quarantine, "rb") as fh:
-                line = fh.readline()
-            if line:
-                rec = orjson.loads(line)
-                return f"{rec['file']}, {rec['position']}: {rec['reason']}"
+                for line in fh:
+                    rec = orjson.loads(line)
+                    if rec["reason"].startswith(prefix):
+                        return f"{rec['file']}, {rec['position']}: {rec['reason']}"
     return None
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import math
 import os
-import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -284,7 +283,7 @@ def _estimated_json_bytes(files: list[sources.InputFile]) -> int:
     return sum(f.size * (GZIP_RATIO_ESTIMATE if f.gzipped else 1) for f in files)
 
 
-def plan_tasks(files: list[sources.InputFile], names: list[str], workers: int) -> list[list[int]]:
+def plan_tasks(files: list[sources.InputFile], workers: int) -> list[list[int]]:
     """Contiguous runs of files, several per worker so the pool stays balanced as tasks finish."""
     total = sum(f.size for f in files)
     target = max(1 << 20, min(64 << 20, total // max(1, 4 * workers)))
@@ -330,7 +329,7 @@ def parse_inputs(
     workers = opts.workers or cpus
     if json_bytes < POOL_MIN_BYTES:
         workers = 1
-    groups = plan_tasks(files, names, workers)
+    groups = plan_tasks(files, workers)
     meds = bulk_medications(files)
     tasks = [
         Task(
@@ -371,7 +370,3 @@ def parse_inputs(
     except RecordRejected as exc:
         raise KitError(f"rejected record: {exc}", hint="drop --on-error fail to quarantine such records") from None
     return [r for r in results if r is not None], n_buckets
-
-
-def now() -> float:
-    return time.perf_counter()
