@@ -249,3 +249,29 @@ def test_killed_ingest_leaves_no_dataset_and_a_rerun_cleans_up(tmp_path):
     run_ingest([_small_bundle()], out)
     assert (out / "metadata" / "dataset.json").exists()
     assert not list(tmp_path.glob(".events.tmp-*")) and not (out / ".kit-ingest-pid").exists()
+
+
+def test_bundle_of_bundles_and_searchset(tmp_path):
+    """A collection Bundle holding patient Bundles is expanded; a searchset's OperationOutcome is 'not used'."""
+    inner = orjson.loads(gzip.open(_small_bundle()).read())
+    outer = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": inner}]}
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "collection.json").write_bytes(orjson.dumps(outer))
+    cond = orjson.loads(_lines("Condition.000.ndjson.gz")[0])
+    search = {
+        "resourceType": "Bundle", "type": "searchset",
+        "entry": [
+            {"fullUrl": "Condition/" + cond["id"], "resource": cond, "search": {"mode": "match"}},
+            {"resource": {"resourceType": "OperationOutcome", "issue": [{"severity": "information", "code": "informational"}]},
+             "search": {"mode": "outcome"}},
+            {"request": {"method": "DELETE", "url": "Condition/gone"}},
+        ],
+    }
+    (tmp_path / "in" / "search.json").write_bytes(orjson.dumps(search))
+    s = run_ingest([tmp_path / "in"], tmp_path / "out")
+    direct = run_ingest([_small_bundle()], tmp_path / "direct")
+    assert s.counts[("Patient", "ingested")] == 1 and s.counts[("Condition", "ingested")] >= 1
+    assert s.counts[("OperationOutcome", "not used")] == 1
+    assert s.events == direct.events + 1
+    (q,) = _quarantine(tmp_path / "out")
+    assert (q["file"], q["position"], q["reason"]) == ("in/search.json", "entry 2", "Bundle entry has no resource")

@@ -97,6 +97,8 @@ def position_label(kind: str, position: int) -> str:
     if position == FILE_POSITION:
         return "file"
     if kind == "json":
+        if position >= 1 << ENTRY_BITS:
+            return f"entry {(position >> ENTRY_BITS) - 1} entry {position & ((1 << ENTRY_BITS) - 1)}"
         return "resource" if position < 0 else f"entry {position}"
     if position >= 1 << ENTRY_BITS:
         return f"line {position >> ENTRY_BITS} entry {position & ((1 << ENTRY_BITS) - 1)}"
@@ -125,8 +127,12 @@ def _id_of(obj: object) -> str | None:
     return rid if isinstance(rid, str) else None
 
 
-def bundle_records(bundle: dict, base: int = 0) -> Iterator[RawRecord]:
-    """The entries of a Bundle, with the Bundle's fullUrl -> id map for reference resolution."""
+def bundle_records(bundle: dict, base: int = 0, nested_ok: bool = True) -> Iterator[RawRecord]:
+    """The entries of a Bundle, with the Bundle's fullUrl -> id map for reference resolution.
+
+    A Bundle inside a top-level Bundle file (a collection of patient Bundles) is expanded too: its entries get
+    positions (outer entry + 1) << ENTRY_BITS | inner entry. Deeper nesting is passed on as a Bundle resource.
+    """
     entries = bundle.get("entry")
     if entries is None:
         return
@@ -146,6 +152,8 @@ def bundle_records(bundle: dict, base: int = 0) -> Iterator[RawRecord]:
         elif "resource" not in e:
             # A transaction DELETE or a search outcome entry: nothing to ingest, but say so.
             yield RawRecord(pos, None, "Bundle entry has no resource")
+        elif nested_ok and isinstance(e["resource"], dict) and e["resource"].get("resourceType") == "Bundle":
+            yield from bundle_records(e["resource"], (i + 1) << ENTRY_BITS, nested_ok=False)
         else:
             yield RawRecord(pos, e["resource"], refs=refs, resource_id=_id_of(e["resource"]))
 
@@ -191,7 +199,7 @@ def iter_records(f: InputFile, nbytes: list[int] | None = None) -> Iterator[RawR
                     yield RawRecord(line_no, None, _json_error(exc))
                     continue
                 if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
-                    yield from bundle_records(doc, line_no << ENTRY_BITS)
+                    yield from bundle_records(doc, line_no << ENTRY_BITS, nested_ok=False)
                 else:
                     yield RawRecord(line_no, doc, resource_id=_id_of(doc))
     except (OSError, EOFError, zlib.error) as exc:
