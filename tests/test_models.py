@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -394,3 +398,29 @@ def test_triton_backbone_matches_reference_on_gpu() -> None:
         expected = backbone(x).last_hidden_state
         backbone.set_scan_impl("triton")
         torch.testing.assert_close(backbone(x).last_hidden_state, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_models_import_without_the_data_stack() -> None:
+    """The GPU machine has torch, transformers, peft and safetensors but not polars, pydantic, orjson or fhir."""
+    check = textwrap.dedent(
+        """
+        import sys
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {"polars", "pydantic", "orjson", "fhir", "meds", "pyarrow"}:
+                    raise ImportError("blocked " + name)
+
+        sys.meta_path.insert(0, Block())
+        import torch
+        from kit.models import BackboneConfig, ModelConfig, TaskSpec, build_model
+
+        config = ModelConfig(backbone=BackboneConfig(vocab_size=50, hidden_size=16, num_layers=1),
+                             tasks=[TaskSpec("a", "binary")])
+        print(build_model(config)(torch.randint(0, 50, (1, 5))).task_outputs["a"].shape)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "torch.Size([1, 1])" in proc.stdout
