@@ -82,4 +82,5 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> DatasetC
                 msgs.append(str(err.get("ctx", {}).get("error", err["msg"])))
             else:
                 msgs.append(f"field `{loc}`: {err['msg']}")
-        raise KitError(f"config {path or '(defaults)'}: " + "; ".join(msgs)) from None
+        source = " + ".join([str(path)] * (path is not None) + ["--set"] * bool(overrides)) or "(defaults)"
+        raise KitError(f"config {source}: " + "; ".join(msgs)) from None
