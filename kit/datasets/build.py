@@ -182,8 +182,8 @@ def _finish_counts(acc: dict[str, Any], info: TaskInfo) -> dict[str, Any]:
     if info.type not in ("multiclass", "multilabel"):
         out.pop("class_counts", None)
         out.pop("at_risk", None)
-    if info.type in ("forecast", "regression"):
-        out.pop("positives", None)
+    if info.type in ("forecast", "regression", "multiclass"):
+        out.pop("positives", None)  # multiclass: class_counts says it
     return out
 
 
