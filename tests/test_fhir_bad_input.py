@@ -275,3 +275,19 @@ def test_bundle_of_bundles_and_searchset(tmp_path):
     assert s.events == direct.events + 1
     (q,) = _quarantine(tmp_path / "out")
     assert (q["file"], q["position"], q["reason"]) == ("in/search.json", "entry 2", "Bundle entry has no resource")
+
+
+def test_big_plain_ndjson_split_across_workers_gives_identical_output(tmp_path, monkeypatch):
+    from connectors.fhir import ingest
+
+    (tmp_path / "in").mkdir()
+    for name in ("Encounter.000.ndjson.gz", "Patient.000.ndjson.gz"):
+        (tmp_path / "in" / name.removesuffix(".gz")).write_bytes(gzip.open(BULK / name).read())
+    run_ingest([tmp_path / "in"], tmp_path / "whole", workers=1)
+    monkeypatch.setattr(ingest, "SPLIT_NDJSON_BYTES", 200_000)
+    monkeypatch.setattr(ingest, "POOL_MIN_BYTES", 0)
+    units = ingest.work_units(sorted(ingest.sources.discover([tmp_path / "in"]).files, key=lambda f: str(f.path)), 2)
+    assert len(units) > 5  # the Encounter file really is split
+    run_ingest([tmp_path / "in"], tmp_path / "split", workers=2)
+    for rel in ("data/shard-00000.parquet", "metadata/subjects.parquet", "metadata/codes.parquet"):
+        assert (tmp_path / "whole" / rel).read_bytes() == (tmp_path / "split" / rel).read_bytes()

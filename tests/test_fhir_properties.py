@@ -132,3 +132,24 @@ def test_truncated_gzip_never_crashes(tmp_path_factory, cut):
 @pytest.mark.parametrize("record", POOL, ids=lambda r: r["resourceType"])
 def test_pool_records_are_valid_to_start_with(record):
     assert resource_events(record)[0] in ("ingested", "not used")
+
+
+PLAIN_NDJSON = gzip.open(BULK / "Encounter.000.ndjson.gz").read().splitlines()[:40]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(target=st.integers(1, 60_000), blank=st.integers(0, 39), garbage=st.integers(0, 39))
+def test_ndjson_byte_ranges_read_every_line_once_with_true_line_numbers(tmp_path_factory, target, blank, garbage):
+    from connectors.fhir import sources
+
+    lines = list(PLAIN_NDJSON)
+    lines[blank] = b""
+    lines[garbage] = b"{not json"
+    path = tmp_path_factory.mktemp("split") / "Encounter.000.ndjson"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    f = sources.InputFile(path, "ndjson", path.stat().st_size)
+    whole = [(r.position, r.resource_id, r.error) for r in sources.iter_records(f)]
+    ranges = sources.ndjson_ranges(f, target)
+    split = [(r.position, r.resource_id, r.error) for rng in ranges for r in sources.read_range(f, [0], *rng)]
+    assert split == whole
+    assert len(ranges) == max(1, -(-f.size // target)) if f.size > target else len(ranges) == 1

@@ -30,6 +30,8 @@ JSON_BYTES_PER_SHARD = 1 << 30
 GZIP_RATIO_ESTIMATE = 8
 # Below this much input, a process pool costs more (interpreter start-up) than it saves.
 POOL_MIN_BYTES = 16 << 20
+# Plain NDJSON files larger than this are parsed as several byte ranges, so one big Bulk Data file uses every core.
+SPLIT_NDJSON_BYTES = 64 << 20
 
 INGESTED, REJECTED, NOT_USED = "ingested", "rejected", "not used"
 VERSION_PREFIX = "unsupported FHIR version "
@@ -70,7 +72,8 @@ class TaskResult:
 @dataclass(frozen=True)
 class Task:
     index: int
-    files: tuple[tuple[int, str, str, str], ...]  # (file index, path, kind, display name)
+    # (file index, path, kind, display name, byte start, byte end or None, newlines before start)
+    files: tuple[tuple[int, str, str, str, int, int | None, int], ...]
     spill_dir: str
     n_buckets: int
     medications: dict
@@ -170,10 +173,12 @@ class _TaskRun:
         if len(self.cols) >= SPILL_ROWS or self.cols.text_bytes >= SPILL_TEXT_BYTES:
             self.spill()
 
-    def run_file(self, file_index: int, path: str, kind: str, name: str) -> None:
+    def run_file(
+        self, file_index: int, path: str, kind: str, name: str, start: int = 0, end: int | None = None, lines: int = 0
+    ) -> None:
         f = sources.InputFile(Path(path), kind, 0)
         nbytes = [0]
-        records = sources.iter_records(f, nbytes)
+        records = sources.read_range(f, nbytes, start, end, lines)
         # Bundles are read whole, so their Medication entries can resolve medicationReference in one pass.
         if kind == "json":
             records = list(records)
@@ -221,8 +226,8 @@ def run_task(task: Task) -> TaskResult:
     gc.disable()
     run = _TaskRun(task)
     try:
-        for file_index, path, kind, name in task.files:
-            run.run_file(file_index, path, kind, name)
+        for unit in task.files:
+            run.run_file(*unit)
             gc.collect(1)
     finally:
         if run.qfh is not None and not run.qfh.closed:
@@ -283,20 +288,31 @@ def _estimated_json_bytes(files: list[sources.InputFile]) -> int:
     return sum(f.size * (GZIP_RATIO_ESTIMATE if f.gzipped else 1) for f in files)
 
 
-def plan_tasks(files: list[sources.InputFile], workers: int) -> list[list[int]]:
-    """Contiguous runs of files, several per worker so the pool stays balanced as tasks finish."""
-    total = sum(f.size for f in files)
+def plan_tasks(units: list[tuple[int, int, int | None, int, int]], workers: int) -> list[list[int]]:
+    """Contiguous runs of units (whole files, or ranges of a big NDJSON file), several per worker so the pool
+    stays balanced as tasks finish. A unit is (file index, start, end, newlines before, bytes)."""
+    total = sum(u[4] for u in units)
     target = max(1 << 20, min(64 << 20, total // max(1, 4 * workers)))
     tasks, current, size = [], [], 0
-    for i, f in enumerate(files):
+    for i, u in enumerate(units):
         current.append(i)
-        size += f.size
+        size += u[4]
         if size >= target:
             tasks.append(current)
             current, size = [], 0
     if current:
         tasks.append(current)
     return tasks
+
+
+def work_units(files: list[sources.InputFile], workers: int) -> list[tuple[int, int, int | None, int, int]]:
+    """Every file as one unit, except plain NDJSON files big enough to be worth splitting across workers."""
+    units = []
+    split = SPLIT_NDJSON_BYTES if workers > 1 else 1 << 62
+    for i, f in enumerate(files):
+        for start, end, lines in sources.ndjson_ranges(f, split):
+            units.append((i, start, end, lines, (end if end is not None else f.size) - start))
+    return units
 
 
 def display_names(files: list[sources.InputFile], roots: list[Path]) -> list[str]:
@@ -329,12 +345,16 @@ def parse_inputs(
     workers = opts.workers or cpus
     if json_bytes < POOL_MIN_BYTES:
         workers = 1
-    groups = plan_tasks(files, workers)
+    units = work_units(files, workers)
+    groups = plan_tasks(units, workers)
     meds = bulk_medications(files)
     tasks = [
         Task(
             i,
-            tuple((j, str(files[j].path), files[j].kind, names[j]) for j in group),
+            tuple(
+                (units[j][0], str(files[units[j][0]].path), files[units[j][0]].kind, names[units[j][0]], *units[j][1:4])
+                for j in group
+            ),
             str(spill_dir),
             n_buckets,
             meds,
@@ -343,7 +363,7 @@ def parse_inputs(
         )
         for i, group in enumerate(groups)
     ]
-    sizes = [sum(files[j].size for j in g) for g in groups]
+    sizes = [sum(units[j][4] for j in g) for g in groups]
     results: list[TaskResult | None] = [None] * len(tasks)
     try:
         if workers <= 1 or len(tasks) == 1:

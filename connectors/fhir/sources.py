@@ -185,10 +185,30 @@ def iter_records(f: InputFile, nbytes: list[int] | None = None) -> Iterator[RawR
             yield RawRecord(-1, doc, resource_id=_id_of(doc))
         return
 
-    line_no = 0
+    yield from _ndjson_records(f, nbytes, 0, None, 0)
+
+
+def _ndjson_records(
+    f: InputFile, nbytes: list[int], start: int, end: int | None, lines_before: int
+) -> Iterator[RawRecord]:
+    """NDJSON lines that start in bytes [start, end) of the file (all of it when end is None).
+
+    `lines_before` is the number of newlines in bytes [0, start), so positions stay true line numbers.
+    """
+    line_no = lines_before
     try:
         with _open(f.path) as fh:
+            offset = start
+            if start > 0:
+                # A line belongs to the range it starts in: skip the tail of one that began before `start`.
+                fh.seek(start - 1)
+                if fh.read(1) != b"\n":
+                    offset += len(fh.readline())
+                    line_no += 1
             for line in fh:
+                if end is not None and offset >= end:
+                    break
+                offset += len(line)
                 line_no += 1
                 nbytes[0] += len(line)
                 if not line.strip():
@@ -204,6 +224,33 @@ def iter_records(f: InputFile, nbytes: list[int] | None = None) -> Iterator[RawR
                     yield RawRecord(line_no, doc, resource_id=_id_of(doc))
     except (OSError, EOFError, zlib.error) as exc:
         yield RawRecord(line_no + 1, None, f"{_read_error(exc)}; lines from here on are unreadable")
+
+
+def ndjson_ranges(f: InputFile, target: int) -> list[tuple[int, int | None, int]]:
+    """Split a large plain NDJSON file into (start, end, newlines before start) ranges of about `target` bytes,
+    so several processes can parse one big Bulk Data file. Gzipped files cannot be split and stay whole."""
+    if f.kind != "ndjson" or f.gzipped or f.size <= target:
+        return [(0, None, 0)]
+    bounds = list(range(0, f.size, target))
+    out, newlines, pos = [], 0, 0
+    with open(f.path, "rb") as fh:
+        for i, start in enumerate(bounds):
+            while pos < start:  # count newlines up to `start` in 16 MB blocks (bytes.count runs at memory speed)
+                block = fh.read(min(16 << 20, start - pos))
+                if not block:
+                    break
+                newlines += block.count(b"\n")
+                pos += len(block)
+            end = bounds[i + 1] if i + 1 < len(bounds) else None
+            out.append((start, end, newlines))
+    return out
+
+
+def read_range(f: InputFile, nbytes: list[int], start: int, end: int | None, lines_before: int):
+    """Records of one range from `ndjson_ranges` (the whole file for (0, None, 0))."""
+    if f.kind == "json":
+        return iter_records(f, nbytes)
+    return _ndjson_records(f, nbytes, start, end, lines_before)
 
 
 def decompressed_size(f: InputFile) -> int:
