@@ -183,7 +183,13 @@ class Tokenizer:
         static = (
             train_events.filter(pl.col("time").is_null()).group_by(pl.col("code").alias("token")).agg(pl.len().alias("n"))
         ).collect()
-        counts = pl.concat([counts, static]).group_by("token").agg(pl.col("n").sum())
+        # A numeric code's plain token is the fallback for its rare bins, so it counts every value of the code.
+        bases = (
+            counts.filter(pl.col("token").str.contains(r"#Q\d+$"))
+            .group_by(pl.col("token").str.replace(r"#Q\d+$", ""))
+            .agg(pl.col("n").sum())
+        )
+        counts = pl.concat([counts, static, bases]).group_by("token").agg(pl.col("n").sum())
         reserved = SPECIAL_TOKENS + INTERVAL_TOKENS + [t for t in extra_tokens if t not in SPECIAL_TOKENS]
         learned = (
             counts.filter((pl.col("n") >= config.min_count) & ~pl.col("token").is_in(reserved))

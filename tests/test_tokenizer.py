@@ -173,3 +173,19 @@ def test_windows_invariants_hold_for_any_time_and_length(encoded):
         assert not visits or min(visits) == 1
 
     check()
+
+
+def test_rare_value_bin_falls_back_to_its_code(store):
+    tk = Tokenizer.fit(store["train_events"], TokenizerConfig(min_count=40))
+    rare_bins = [
+        (code, q) for code in tk.value_bins for q in range(1, len(tk.value_bins[code]) + 2)
+        if f"{code}#Q{q}" not in tk.token_to_id and code in tk.token_to_id
+    ]
+    assert rare_bins, "with min_count 40 some bins of frequent codes are rare"
+    ev = store["events"].filter(pl.col("subject_id").is_in(store["other"])).collect()
+    enc = tk.encode(ev, store["subjects"])
+    fallen = enc.filter(pl.col("token").is_in([f"{c}#Q{q}" for c, q in rare_bins]))
+    assert fallen.height > 0
+    assert fallen.select(
+        pl.col("token_id") == pl.col("token").str.replace(r"#Q\d+$", "").replace_strict(tk.token_to_id, default=-1)
+    ).to_series().all()
