@@ -37,7 +37,7 @@ run() {  # name, timeout seconds, command...
 if [ "$STEP" = all ] || [ "$STEP" = tests ]; then
   # One block shape for the tests keeps compiles short; the benchmark below autotunes.
   if python -c "import pytest" 2>/dev/null; then
-    KIT_TRITON_AUTOTUNE=0 run tests 300 python -m pytest -q -x -p no:cacheprovider \
+    KIT_TRITON_AUTOTUNE=0 run tests 300 python -m pytest -q -p no:cacheprovider \
       --junitxml="$OUT/tests.xml" tests/test_kernels_triton.py tests/test_kernels.py
   else
     echo "== tests: pytest is not installed here; bench/kernels.py still checks outputs and gradients" | tee -a "$OUT/summary.txt"

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from kit.errors import KitError
 from kit.kernels import causal_conv1d, resolve_impl, selective_scan
 from kit.kernels.scan_chunked import selective_scan_chunked
-from kit.kernels.scan_reference import selective_scan_reference
-from kit.kernels.testing import ScanCase, make_scan_inputs, max_scaled_error, run_scan
+from kit.kernels.testing import ScanCase, make_scan_inputs
+from kit.kernels.testing import check_against_reference as check_scan
 
 torch.set_num_threads(1)
 
@@ -45,19 +45,7 @@ CASES = [
 
 
 def check_against_reference(impl, case: ScanCase, dtype: torch.dtype, **kwargs) -> None:
-    inputs = make_scan_inputs(case, dtype)
-    y_ref, last_ref, g_ref = run_scan(selective_scan_reference, inputs, case.softplus)
-    y, last, g = run_scan(impl, inputs, case.softplus, **kwargs)
-    tol_out, tol_grad = TOLERANCES[dtype]
-    assert y.dtype == dtype and last.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert y.shape == inputs["u"].shape and last.shape == (case.batch, case.dim, case.dstate)
-    assert max_scaled_error(y, y_ref) <= tol_out, "y"
-    assert max_scaled_error(last, last_ref) <= tol_out, "last state"
-    assert g.keys() == g_ref.keys()
-    for name in g_ref:
-        assert g[name].dtype == inputs[name].dtype, name
-        err = max_scaled_error(g[name], g_ref[name])
-        assert err <= tol_grad, f"grad {name}: scaled error {err:.2e} > {tol_grad:.0e}"
+    check_scan(impl, case, dtype, TOLERANCES[dtype], **kwargs)
 
 
 @pytest.mark.parametrize("case,chunk", CASES, ids=[f"{c}-T{t}" for c, t in CASES])

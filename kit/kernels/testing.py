@@ -86,3 +86,27 @@ def max_scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected| (in fp64), the figure the tolerance tables bound."""
     a, e = actual.detach().double(), expected.detach().double()
     return float((a - e).abs().max() / e.abs().max().clamp_min(1e-12))
+
+
+def check_against_reference(
+    impl: Callable, case: ScanCase, dtype: torch.dtype, tolerances: tuple[float, float], device: str = "cpu", **kwargs
+) -> None:
+    """Assert ``impl`` matches the sequential reference on ``case``: y, the last state and every input gradient.
+
+    ``tolerances`` = (outputs and last state, gradients), bounds on ``max_scaled_error``.
+    """
+    from kit.kernels.scan_reference import selective_scan_reference
+
+    inputs = make_scan_inputs(case, dtype, device=device)
+    y_ref, last_ref, g_ref = run_scan(selective_scan_reference, inputs, case.softplus)
+    y, last, g = run_scan(impl, inputs, case.softplus, **kwargs)
+    tol_out, tol_grad = tolerances
+    assert y.dtype == dtype and y.shape == inputs["u"].shape, (y.dtype, y.shape)
+    assert last.dtype == last_ref.dtype and last.shape == (case.batch, case.dim, case.dstate), (last.dtype, last.shape)
+    assert max_scaled_error(y, y_ref) <= tol_out, f"y: scaled error {max_scaled_error(y, y_ref):.2e}"
+    assert max_scaled_error(last, last_ref) <= tol_out, f"last state: {max_scaled_error(last, last_ref):.2e}"
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        assert g[name].dtype == inputs[name].dtype, name
+        err = max_scaled_error(g[name], g_ref[name])
+        assert err <= tol_grad, f"grad {name}: scaled error {err:.2e} > {tol_grad:.0e}"
