@@ -147,6 +147,9 @@ class MambaMixer(nn.Module):
         if mask is not None:
             hidden = hidden * mask  # padded positions feed zeros, as transformers does
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (B, D, L) each
+        # A compact gate: the scan saves z for backward, and a view would keep all of in_proj's output alive
+        # (also, the Triton backward at 5390929..a819254 returned garbage dz for a strided z).
+        z = z.contiguous()
 
         conv = kernels.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
                                      initial_state=conv_state, return_final_state=return_state)
@@ -164,7 +167,9 @@ class MambaMixer(nn.Module):
             delta_softplus=True, initial_state=ssm_state, return_last_state=return_state, impl=self.scan_impl,
         )
         y, new_ssm_state = result if return_state else (result, None)
-        out = self.out_proj(y.transpose(1, 2).to(hidden.dtype))
+        if not torch.is_autocast_enabled(y.device.type):  # under autocast the linear picks its own dtype
+            y = y.to(self.out_proj.weight.dtype)
+        out = self.out_proj(y.transpose(1, 2))
         return out, new_conv_state, new_ssm_state
 
 
