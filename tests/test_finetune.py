@@ -151,4 +151,4 @@ def test_torchrun_two_cpu_processes_on_gloo(small_dataset, tmp_path):
     assert (wd / "clinical.kitbundle").exists()
     log = [json.loads(line) for line in (wd / "finetune" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]  # one writer: rank 0
-    assert proc.stdout.count("test split") == 1
+    assert proc.stdout.count("evaluating on the test split") == 1

@@ -55,7 +55,7 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return model
     ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

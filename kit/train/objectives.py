@@ -67,6 +67,8 @@ def multitask_loss(
     with autocast(device, bf16):
         out = model(**model_inputs(batch, device, used_inputs(model)), compute_lm_logits=keep_forecasting > 0)
     loss, parts = balanced_loss(task_targets(out, batch, rows, types, device), task_weights, focal_gamma)
+    # Heads of tasks absent from this batch get an exact-zero term, so DDP sees every output reach the loss.
+    loss = loss + sum(o.float().sum() * 0.0 for o in out.task_outputs.values())
     if keep_forecasting > 0:
         lm = next_event_loss(out.lm_logits, batch)
         parts["forecasting"] = float(lm.detach())

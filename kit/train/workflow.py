@@ -243,7 +243,7 @@ def run_finetune(req: FinetuneRequest, say: Say, progress_factory: Callable[[str
             lambda: pretrain(ds, cfg, req.workdir / "pretrain", progress=progress_factory("pretrain", cfg.pretrain.steps)),
             say, "pretrain",
         )
-    if req.pretrain_only or not dist_info.is_main:
+    if req.pretrain_only:
         return FinetuneResult(req.workdir, None, None, {})
     ft_key = _sha({"dataset": ds_key, "config": cfg.model_dump(mode="json"), "base": str(req.base_model)})
     model = _train_stage(
@@ -251,6 +251,8 @@ def run_finetune(req: FinetuneRequest, say: Say, progress_factory: Callable[[str
         lambda: finetune(ds, cfg, req.workdir / "finetune", base=base, progress=progress_factory("finetune", cfg.finetune.steps)),
         say, "finetune",
     )
+    if not dist_info.is_main:
+        return FinetuneResult(req.workdir, None, None, {})
     say("evaluating on the test split beside the count-feature baseline")
     device = resolve_device(cfg.device)
     model = model.to(device)
