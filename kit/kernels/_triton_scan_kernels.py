@@ -135,7 +135,10 @@ def scan_fwd_kernel(
     mask_n = offs_n < dstate
     mask_dn = mask_d[:, None] & mask_n[None, :]
     A = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32) * LOG2E
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d & HAS_BIAS, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.full((BLOCK_D,), 0.0, tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     row = (pid_b * dim + offs_d).to(tl.int64) * length
@@ -212,7 +215,10 @@ def scan_bwd_kernel(
     mask_dn = mask_d[:, None] & mask_n[None, :]
     A_nat = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
     A = A_nat * LOG2E
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d & HAS_BIAS, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.full((BLOCK_D,), 0.0, tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     row = (pid_b * dim + offs_d).to(tl.int64) * length
