@@ -386,7 +386,10 @@ def extract_encounter(r: dict, emit: Emitter, ctx: ResourceContext) -> None:
     type_code = None
     types = r.get("type")
     if isinstance(types, list) and types:
-        type_code = concept_code(types[0], "Encounter.type", ctx)
+        try:
+            type_code = concept_code(types[0], "Encounter.type", ctx)
+        except Unmappable:
+            type_code = None  # the type is extra detail; a text-only type does not cost the encounter
     cls = encounter_class(r, type_code)
     enc = emit.rid
     emit(sid, start, f"ENCOUNTER/{cls}/START", encounter=enc)
