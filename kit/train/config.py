@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from kit.errors import KitError
+from kit.configfile import load_model_config
 
 
 class _Section(BaseModel):
@@ -72,39 +71,6 @@ class TrainConfig(_Section):
     n_bootstrap: int = Field(500, ge=0, description="Bootstrap resamples for the 95% intervals.")
 
 
-def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise KitError(f"--set {dotted}: `{k}` is not a section")
-    node[keys[-1]] = value
-
-
-def load_train_config(path: Path | None = None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
+def load_train_config(path: Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     """Config from an optional YAML file, then `key.path=value` overrides (values parsed as YAML)."""
-    data: dict[str, Any] = dict(base or {})
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise KitError(f"config {path}: file not found") from None
-        except yaml.YAMLError as exc:
-            raise KitError(f"config {path}: not valid YAML ({exc})") from None
-        if not isinstance(loaded, dict):
-            raise KitError(f"config {path}: expected a mapping of sections")
-        data.update(loaded)
-    for item in overrides:
-        if "=" not in item:
-            raise KitError(f"--set {item}: expected key.path=value, e.g. finetune.steps=500")
-        key, raw = item.split("=", 1)
-        _set_path(data, key.strip(), yaml.safe_load(raw))
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as exc:
-        msgs = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            msgs.append(f"unknown field `{loc}`" if err["type"] == "extra_forbidden" else f"field `{loc}`: {err['msg']}")
-        raise KitError(f"config {path or '(defaults)'}: " + "; ".join(msgs)) from None
+    return load_model_config(TrainConfig, path, overrides, example="finetune.steps=500")

@@ -142,7 +142,7 @@ def prepare_dataset(req: FinetuneRequest, say: Say) -> Path:
         if not hasattr(vertical, "ingest"):
             raise KitError(f"vertical '{req.vertical}' cannot read raw records; ingest them first and pass the event store")
         key = _sha({"inputs": fingerprint_paths(req.data)})
-        events = _reuse_or_build(req.workdir, "events", key, lambda out: vertical.ingest(req.data, out), say)
+        events = _reuse_or_build(req.workdir, "events", key, lambda out: vertical.ingest(req.data, out, show_progress=True), say)
     else:
         events = Path(req.data[0])
         key = _sha({"events": fingerprint_paths([events / "data"])})

@@ -31,17 +31,14 @@ class ClinicalVertical:
     name = "clinical"
     description = "Clinical prediction tasks over FHIR-derived events (mortality, readmission, length of stay, ...)"
 
-    def ingest(self, paths: list[Path], out: Path) -> None:
-        """Raw clinical records (FHIR Bundles / Bulk NDJSON) -> event store, for `kit finetune --data <raw>`."""
-        from connectors.fhir.cli import print_summary, run_ingest
-
-        print_summary(run_ingest(list(paths), out, show_progress=True))
-
     def ingest(self, paths: list[Path], out: Path, **options: Any) -> Any:
         """Raw clinical records (FHIR Bundles / Bulk NDJSON) to an event store, through the FHIR connector."""
-        from connectors.fhir.cli import run_ingest
+        from connectors.fhir.cli import print_summary, run_ingest
 
-        return run_ingest([Path(p) for p in paths], Path(out), **options)
+        summary = run_ingest([Path(p) for p in paths], Path(out), **options)
+        if options.get("show_progress"):
+            print_summary(summary)
+        return summary
 
     def task_names(self) -> list[str]:
         return list(_shipped())
