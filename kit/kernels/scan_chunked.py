@@ -2,9 +2,11 @@
 
 The sequence is cut into K chunks of T steps. Every loop runs over the T positions of a chunk while
 operating on all K chunks at once (tensors of B*D*K*N elements), and a short loop over K carries the
-state across chunk boundaries. Only exponentials of non-positive numbers appear (exp(delta * A) and
-products of them), so it is stable in fp32 for any sequence length. The backward recomputes the
-states from the saved chunk-start states instead of keeping autograd's per-step graph.
+state across chunk boundaries. The only exponentials are exp(delta_t A) and their products over a chunk,
+never a ratio of cumulative products, so with delta >= 0 and A <= 0 (as in Mamba) every exponent is <= 0
+and the scan is stable in fp32 for any sequence length. The backward recomputes the states from the saved
+chunk-start states instead of keeping autograd's per-step graph; its (T, B, D, K, N) scratch buffers are
+kept per thread between calls (``clear_workspace`` frees them).
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: to
     if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
         buf = bufs[name] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel].view(shape)
+
+
+def clear_workspace() -> None:
+    """Free this thread's scratch buffers (they are kept between calls to avoid page faults)."""
+    _WORKSPACE.bufs = {}
 
 
 class _Decays:
