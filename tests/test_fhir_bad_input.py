@@ -291,3 +291,37 @@ def test_big_plain_ndjson_split_across_workers_gives_identical_output(tmp_path, 
     run_ingest([tmp_path / "in"], tmp_path / "split", workers=2)
     for rel in ("data/shard-00000.parquet", "metadata/subjects.parquet", "metadata/codes.parquet"):
         assert (tmp_path / "whole" / rel).read_bytes() == (tmp_path / "split" / rel).read_bytes()
+
+
+def test_append_adds_a_new_export_and_new_copies_replace_stored_ones(tmp_path):
+    bundles = sorted(BUNDLES.glob("*.json.gz"))[:3]
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    for f in bundles[:2]:
+        shutil.copy(f, tmp_path / "first" / f.name)
+    shutil.copy(bundles[2], tmp_path / "second" / bundles[2].name)
+    # The second export also re-sends one Observation of the first, with a corrected value.
+    first = orjson.loads(gzip.open(bundles[0]).read())
+    obs = next(e["resource"] for e in first["entry"] if e["resource"]["resourceType"] == "Observation"
+               and "valueQuantity" in e["resource"])
+    corrected = dict(obs, valueQuantity=dict(obs["valueQuantity"], value=12345.0))
+    (tmp_path / "second" / "fix.ndjson").write_bytes(orjson.dumps(corrected) + b"\n")
+
+    run_ingest([tmp_path / "first"], tmp_path / "store")
+    s = run_ingest([tmp_path / "second"], tmp_path / "store", append=True)
+    everything = run_ingest([tmp_path / "first", tmp_path / "second"], tmp_path / "all")
+    assert s.subjects == 3 and s.duplicates == 1
+    ev = scan_events(tmp_path / "store").collect()
+    assert ev.filter(pl.col("source_id") == obs["id"])["numeric_value"].to_list() == [12345.0]
+    cols = ["subject_id", "time", "code", "numeric_value", "text_value", "source_id"]
+    assert ev.select(cols).sort(cols, nulls_last=False).equals(
+        scan_events(tmp_path / "all").collect().select(cols).sort(cols, nulls_last=False)
+    )
+    assert read_subjects(tmp_path / "store").equals(read_subjects(tmp_path / "all"))
+    (q,) = _quarantine(tmp_path / "store")
+    assert q["file"] == "(event store before --append)" and "second/fix.ndjson, line 1" in q["reason"]
+
+
+def test_append_needs_an_event_store(tmp_path):
+    with pytest.raises(KitError, match="--append needs an existing event store"):
+        run_ingest([_small_bundle()], tmp_path / "nothing-here", append=True)

@@ -71,6 +71,7 @@ def run_ingest(
     name: str | None = None,
     show_progress: bool = False,
     shard_mb: int | None = None,
+    append: bool = False,
 ) -> IngestSummary:
     """Ingest `paths` into the event store `out` (written atomically). Raises KitError for user mistakes."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
@@ -90,6 +91,12 @@ def run_ingest(
     out = Path(out)
     if out.exists() and not is_event_store(out) and (not out.is_dir() or any(out.iterdir())):
         raise KitError(f"{out}: exists and is not an event store; refusing to replace it", hint="pick a new --out")
+    previous = None
+    if append:
+        if not is_event_store(out):
+            raise KitError(f"{out}: --append needs an existing event store there", hint="run once without --append")
+        previous = out
+    from kit.events import DATA_DIR, read_codes, read_dataset_metadata
     files = found.files
     names = ingest.display_names(files, paths)
     kinds = [f.kind for f in files]
@@ -116,13 +123,25 @@ def run_ingest(
         spill.mkdir()
         read_task = progress.add_task(f"reading {len(files)} files", total=sum(f.size for f in files))
         results, n_buckets = ingest.parse_inputs(
-            files, names, spill, opts, progress=lambda n: progress.advance(read_task, n)
+            files,
+            names,
+            spill,
+            opts,
+            progress=lambda n: progress.advance(read_task, n),
+            min_buckets=len(list((out / DATA_DIR).glob("*.parquet"))) if previous else 1,
         )
         progress.remove_task(read_task)
 
         counts: Counter = Counter()
         patients = []
         descriptions: dict[str, str] = {}
+        carried = 0
+        if previous is not None:
+            carried = writer.spill_previous_store(previous, spill, n_buckets)
+            patients.extend(writer.previous_patients(previous))
+            for code, text in read_codes(previous).select("code", "description").iter_rows():
+                if text is not None:
+                    descriptions[code] = text
         json_bytes = 0
         versions: Counter = Counter()
         for r in results:
@@ -144,7 +163,9 @@ def run_ingest(
             tmp, spill, n_buckets, subjects["subject_id"], on_bucket=lambda: progress.advance(shard_task)
         )
         codes = writer.codes_table(code_counts, descriptions)
-        quarantined = writer.write_quarantine(tmp, [r.quarantine for r in results], dropped, kinds, names)
+        quarantined = writer.write_quarantine(
+            tmp, [r.quarantine for r in results], dropped, kinds, names, previous=previous
+        )
         shutil.rmtree(spill, ignore_errors=True)
         duplicates = dropped.height
         report = {
@@ -162,6 +183,11 @@ def run_ingest(
             "events_without_patient": stats["events_without_patient"],
             "rejected_as_other_fhir_version": dict(sorted(versions.items())),
         }
+        if previous is not None:
+            report["appended_to"] = {
+                "dataset_version": read_dataset_metadata(previous).get("dataset_version"),
+                "events_carried_over": carried,
+            }
         writer.write_metadata(tmp, name or out.name, subjects, codes, report)
         (tmp / OWNER_FILE).unlink()
     return IngestSummary(
@@ -280,6 +306,11 @@ def ingest_fhir(
     shard_mb: int = typer.Option(
         1024, "--shard-mb", help="About this many MB of input JSON per output shard (gzip counted as 8x its size)."
     ),
+    append: bool = typer.Option(
+        False,
+        "--append",
+        help="Add a new export to the existing store DIR: its resources replace stored copies with the same id.",
+    ),
 ) -> None:
     """Ingest FHIR R4 Bundles and Bulk Data NDJSON into a MEDS event store.
 
@@ -300,5 +331,6 @@ def ingest_fhir(
         name=name,
         show_progress=True,
         shard_mb=shard_mb,
+        append=append,
     )
     print_summary(summary)

@@ -337,10 +337,11 @@ def parse_inputs(
     spill_dir: Path,
     opts: IngestOptions,
     progress: Callable[[int], None] | None = None,
+    min_buckets: int = 1,
 ) -> tuple[list[TaskResult], int]:
     """Run every parsing task; returns the task results in task order and the number of buckets."""
     json_bytes = _estimated_json_bytes(files)
-    n_buckets = max(1, math.ceil(json_bytes / opts.shard_json_bytes))
+    n_buckets = max(min_buckets, math.ceil(json_bytes / opts.shard_json_bytes))
     cpus = os.cpu_count() or 1
     workers = opts.workers or cpus
     if json_bytes < POOL_MIN_BYTES:

@@ -206,6 +206,19 @@ def write_shards(
     return counts, dropped_df, stats
 
 
+def previous_patients(store: Path) -> list[PatientRow]:
+    """The subjects of an existing store as the earliest Patient copies (any new copy replaces them)."""
+    from kit.events import read_subjects
+
+    df = read_subjects(store).with_columns(
+        pl.col("birth_time").cast(pl.Int64()), pl.col("death_time").cast(pl.Int64())
+    )
+    return [
+        PatientRow(r["source_subject_id"], r["birth_time"], r["sex"], r["death_time"], None, PREVIOUS_STORE, i)
+        for i, r in enumerate(df.iter_rows(named=True))
+    ]
+
+
 def subjects_table(patients: list[PatientRow]) -> tuple[pl.DataFrame, int]:
     """One row per Patient id, duplicates resolved by the same rule as events. Returns (table, copies dropped)."""
     best: dict[str, PatientRow] = {}
@@ -272,10 +285,58 @@ def codes_table(code_counts: pl.DataFrame, descriptions: dict[str, str]) -> pl.D
     )
 
 
-def write_quarantine(out: Path, task_files: list[str | None], dropped: pl.DataFrame, kinds, names) -> int:
-    """Concatenate the tasks' quarantine files in task order, then the dropped duplicate copies."""
+PREVIOUS_STORE = -1  # file_index of events carried over from the store an --append run extends
+PREVIOUS_STORE_NAME = "(event store before --append)"
+
+
+def spill_previous_store(store: Path, spill_dir: Path, n_buckets: int) -> int:
+    """Bucket the events of an existing store like freshly parsed ones, as the earliest input.
+
+    Every stored resource becomes one copy at file index -1; a copy of it in the new input is later in input
+    order and so replaces it. Returns the number of events carried over.
+    """
+    shards = sorted((store / DATA_DIR).glob("*.parquet"))
+    n = 0
+    for i, shard in enumerate(shards):
+        df = pl.read_parquet(shard)
+        rid = pl.struct("source_type", "source_id")
+        df = df.with_columns(
+            pl.lit(PREVIOUS_STORE, pl.Int32()).alias("file_index"),
+            (rid.rank("dense").cast(pl.Int64()) + (i << 40)).alias("position"),
+            pl.int_range(pl.len()).over(rid).cast(pl.Int32()).alias("seq"),
+            pl.lit(None, pl.Int64()).alias("updated"),
+        ).select([pl.col(c).cast(t) for c, t in INTERNAL_SCHEMA.items()])
+        if n_buckets > 1:
+            df = df.with_columns((pl.col("subject_id") % n_buckets).alias("_bucket"))
+            parts = {k[0]: v.drop("_bucket") for k, v in df.partition_by("_bucket", as_dict=True).items()}
+        else:
+            parts = {0: df}
+        for bucket, part in parts.items():
+            d = spill_dir / f"b{bucket:05d}"
+            d.mkdir(parents=True, exist_ok=True)
+            part.write_parquet(d / f"p{i:06d}.parquet", compression="lz4", statistics=False)
+            n += part.height
+    return n
+
+
+def _where(names, kinds, file_index: int, position: int) -> tuple[str, str]:
+    if file_index == PREVIOUS_STORE:
+        return PREVIOUS_STORE_NAME, "stored events"
+    return names[file_index], sources.position_label(kinds[file_index], position)
+
+
+def write_quarantine(
+    out: Path, task_files: list[str | None], dropped: pl.DataFrame, kinds, names, previous: Path | None = None
+) -> int:
+    """The previous store's quarantine (with --append), the tasks' quarantine files in task order, then the
+    dropped duplicate copies."""
     n = 0
     with open(out / QUARANTINE_FILE, "wb") as fh:
+        if previous is not None and (previous / QUARANTINE_FILE).exists():
+            with open(previous / QUARANTINE_FILE, "rb") as src:
+                for line in src:
+                    fh.write(line)
+                    n += 1
         for q in task_files:
             if q is None:
                 continue
@@ -286,11 +347,11 @@ def write_quarantine(out: Path, task_files: list[str | None], dropped: pl.DataFr
         if dropped.height:
             dropped = dropped.sort(["file_index", "position", "source_type", "source_id"])
             for row in dropped.iter_rows(named=True):
-                fi, kf = row["file_index"], row["kept_file"]
-                kept_at = f"{names[kf]}, {sources.position_label(kinds[kf], row['kept_pos'])}"
+                file, position = _where(names, kinds, row["file_index"], row["position"])
+                kept_at = ", ".join(_where(names, kinds, row["kept_file"], row["kept_pos"]))
                 rec = {
-                    "file": names[fi],
-                    "position": sources.position_label(kinds[fi], row["position"]),
+                    "file": file,
+                    "position": position,
                     "resource_type": row["source_type"],
                     "resource_id": row["source_id"],
                     "reason": f"duplicate resource id; kept the copy at {kept_at} (latest meta.lastUpdated, "
