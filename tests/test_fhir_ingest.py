@@ -134,3 +134,28 @@ def test_sharded_output_keeps_each_subject_in_one_shard(example_store, tmp_path)
     a = scan_events(single).collect().sort(order, nulls_last=False)
     b = scan_events(tmp_path / "sharded").collect().sort(order, nulls_last=False)
     assert a.equals(b)
+
+
+def test_inspect_summary_matches_the_ingest(example_store):
+    from kit.inspect import summarize
+
+    out, summary = example_store
+    s = summarize(out)
+    assert (s.subjects, s.events, s.shards) == (summary.subjects, summary.events, summary.shards)
+    assert s.deaths == 8 + 3  # deceased patients among the shipped bundles plus the Bulk Data set
+    assert s.static_events == 3 * summary.subjects  # gender, race, ethnicity per Synthea patient
+    assert sum(n for _, _, n in s.vocabularies) == s.events
+    assert s.top_codes[0][2] >= s.top_codes[-1][2]
+
+
+def test_store_with_no_events_is_still_readable(tmp_path):
+    import gzip as gz
+
+    org = gz.open(EXAMPLE_FHIR / "bulk-ndjson" / "Organization.000.ndjson.gz").read()
+    (tmp_path / "Organization.ndjson").write_bytes(org)
+    s = run_ingest([tmp_path / "Organization.ndjson"], tmp_path / "out")
+    assert s.events == 0 and s.total("not used") == 43
+    from kit.inspect import summarize
+
+    assert summarize(tmp_path / "out").events == 0
+    meds.DataSchema.validate(pq.read_table(tmp_path / "out" / "data" / "shard-00000.parquet"))

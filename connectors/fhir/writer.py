@@ -197,6 +197,10 @@ def write_shards(
         stats["shards"] += 1
         del df, events
         shutil.rmtree(spill_dir / f"b{bucket:05d}", ignore_errors=True)
+    if stats["shards"] == 0:
+        # No events at all (say, only Organizations): still a valid, empty MEDS dataset that readers can open.
+        write_sorted(pl.DataFrame(schema=INTERNAL_SCHEMA), data / "shard-00000.parquet", pl.Series([], dtype=pl.UInt32))
+        stats["shards"] = 1
     counts = (
         pl.concat(code_counts).group_by("code").agg(pl.col("len").sum().alias("events"))
         if code_counts
