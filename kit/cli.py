@@ -41,6 +41,7 @@ COMMAND_MODULES = [
     "kit.inspect",
     "kit.datasets.cli",
     "kit.train.cli",
+    "kit.bundle_cli",
 ]
 
 
