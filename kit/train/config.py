@@ -58,6 +58,13 @@ class FinetuneSection(_Section):
     tasks: list[str] | None = Field(None, description="Tasks to finetune on (default: every supervised task).")
 
 
+class CalibrationSection(_Section):
+    method: Literal["temperature", "isotonic", "none"] = Field(
+        "temperature", description="Per-task calibration fit on the validation split (isotonic: binary tasks only).")
+    threshold: Literal["max_f1", "sensitivity"] = Field("max_f1", description="How each binary task's decision threshold is chosen on validation.")
+    target_sensitivity: float = Field(0.8, gt=0, le=1, description="With threshold=sensitivity: the sensitivity to reach.")
+
+
 class TrainConfig(_Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -69,6 +76,7 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(64, ge=1)
     max_eval_rows: int = Field(1000, ge=1, description="Validation rows per task scored at each evaluation (fixed subsample).")
     n_bootstrap: int = Field(500, ge=0, description="Bootstrap resamples for the 95% intervals.")
+    calibration: CalibrationSection = Field(default_factory=CalibrationSection)
 
 
 def load_train_config(path: Path | None = None, overrides: list[str] = ()) -> TrainConfig:
