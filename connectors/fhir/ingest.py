@@ -104,6 +104,7 @@ class _TaskRun:
         self.qfh = None
         self.medications = dict(task.medications)
         self.rejected = 0
+        self.elements = validate.element_table()
 
     def reject(self, name: str, kind: str, pos: int, rtype: object, rid: object, reason: str) -> None:
         rtype = rtype if isinstance(rtype, str) else None
@@ -132,11 +133,13 @@ class _TaskRun:
         if not isinstance(rtype, str):
             self.reject(name, kind, pos, None, rid, "not a FHIR resource (no resourceType)")
             return
-        if not validate.is_r4_resource_type(rtype):
+        allowed = self.elements.get(rtype)
+        if allowed is None:
             base = f"resourceType {rtype!r} is not defined by FHIR R4"
             self.reject(name, kind, pos, rtype, rid, validate.version_reason(r, base))
             return
-        if self.task.validate_full:
+        full = self.task.validate_full
+        if full:
             err = validate.validation_error(r)
             if err is not None:
                 self.reject(name, kind, pos, rtype, rid, validate.version_reason(r, err))
@@ -148,12 +151,11 @@ class _TaskRun:
         if not isinstance(rid, str) or not rid:
             self.reject(name, kind, pos, rtype, None, "missing resource id")
             return
-        if not self.task.validate_full:
+        if not full and not allowed.issuperset(r):
             unknown = validate.unknown_elements(r, rtype)
-            if unknown:
-                reason = validate.validation_error(r) or f"elements not defined by R4: {', '.join(unknown)}"
-                self.reject(name, kind, pos, rtype, rid, validate.version_reason(r, reason))
-                return
+            reason = validate.validation_error(r) or f"elements not defined by R4: {', '.join(unknown)}"
+            self.reject(name, kind, pos, rtype, rid, validate.version_reason(r, reason))
+            return
         emit = extract.Emitter(self.cols, rtype, rid, ctx, _updated(r))
         try:
             out = extractor(r, emit, ctx)
@@ -170,7 +172,7 @@ class _TaskRun:
         if out is not None:  # a Patient
             self.result.patients.append(out)
         self.result.counts[(rtype, INGESTED)] += 1
-        if len(self.cols) >= SPILL_ROWS or self.cols.text_bytes >= SPILL_TEXT_BYTES:
+        if len(self.cols.rows) >= SPILL_ROWS or self.cols.text_bytes >= SPILL_TEXT_BYTES:
             self.spill()
 
     def run_file(

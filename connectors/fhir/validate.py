@@ -46,7 +46,8 @@ def build_r4_element_table(types: list[str] | None = None) -> dict[str, list[str
 
 
 @cache
-def _element_table() -> dict[str, frozenset[str]]:
+def element_table() -> dict[str, frozenset[str]]:
+    """resourceType -> its R4 element names (JSON keys, with `_x` primitive extensions and resourceType)."""
     return {k: frozenset(v) for k, v in json.loads(ELEMENT_TABLE.read_text()).items()}
 
 
@@ -78,7 +79,7 @@ def _other_class(version: str, resource_type: str):
 
 
 def is_r4_resource_type(resource_type: object) -> bool:
-    return isinstance(resource_type, str) and resource_type in _element_table()
+    return isinstance(resource_type, str) and resource_type in element_table()
 
 
 def _element_names(cls) -> frozenset[str]:
@@ -88,7 +89,7 @@ def _element_names(cls) -> frozenset[str]:
 
 
 def r4_elements(resource_type: str) -> frozenset[str]:
-    return _element_table()[resource_type]
+    return element_table()[resource_type]
 
 
 @cache
