@@ -239,3 +239,38 @@ def test_code_vocabulary_rules():
     assert extract.concept_code({"coding": [{"code": "Z9"}]}, "x", ctx) == "UNKNOWN|Z9"
     with pytest.raises(Unmappable):
         extract.concept_code({"text": "free text only"}, "x", ctx)
+
+
+def test_medication_administration_from_a_real_request(records):
+    """Synthea's R4 export has no MedicationAdministration; build a valid one from a real MedicationRequest."""
+    from connectors.fhir.validate import validation_error
+
+    mr, refs = records["MedicationRequest"][0]
+    admin = {
+        "resourceType": "MedicationAdministration", "id": "ma-1", "status": "completed",
+        "medicationCodeableConcept": mr["medicationCodeableConcept"], "subject": mr["subject"],
+        "context": mr["encounter"], "effectiveDateTime": mr["authoredOn"],
+    }
+    assert validation_error(admin) is None
+    ev = _events(admin, refs)
+    assert ev["code"].to_list() == [f"RXNORM/{mr['medicationCodeableConcept']['coding'][0]['code']}"]
+    assert ev["time"][0] == _utc(mr["authoredOn"])
+    assert ev["encounter_id"][0] == mr["encounter"]["reference"].removeprefix("urn:uuid:")
+
+
+def test_diagnostic_report_presented_form_is_decoded(records):
+    report, refs = records["DiagnosticReport"][0]
+    text = "Impression: no acute findings."
+    with_form = dict(report, presentedForm=[
+        {"contentType": "application/pdf", "data": base64.b64encode(b"%PDF-1.4").decode()},
+        {"contentType": "text/plain", "data": base64.b64encode(text.encode()).decode()},
+    ])
+    assert _events(with_form, refs)["text_value"].to_list() == [text]
+
+
+def test_icd10cm_and_cpt_prefixes():
+    ctx = extract.ResourceContext(0, 0, {}, {}, {})
+    icd = {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "E11.9"}]}
+    cpt = {"coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "99213"}]}
+    assert extract.concept_code(icd, "x", ctx) == "ICD10CM/E11.9"
+    assert extract.concept_code(cpt, "x", ctx) == "CPT/99213"
