@@ -325,3 +325,9 @@ def test_append_adds_a_new_export_and_new_copies_replace_stored_ones(tmp_path):
 def test_append_needs_an_event_store(tmp_path):
     with pytest.raises(KitError, match="--append needs an existing event store"):
         run_ingest([_small_bundle()], tmp_path / "nothing-here", append=True)
+
+
+def test_cli_help_shows_an_example():
+    for args in (("ingest", "fhir", "--help"), ("inspect", "--help")):
+        proc = _kit(*args)
+        assert proc.returncode == 0 and "Example" in proc.stdout and "kit " in proc.stdout
