@@ -214,7 +214,7 @@ def _train_stage(run_dir: Path, key: str, resume: bool, train: Callable[[], Any]
 def run_finetune(req: FinetuneRequest, say: Say, progress_factory: Callable[[str, int], Any]) -> FinetuneResult:
     """All stages; `progress_factory(label, total)` returns a callback(step, total, record)."""
     from kit.bundle import pack_bundle, write_bundle
-    from kit.eval.evaluate import evaluate_tasks
+    from kit.eval.evaluate import evaluate_tasks, fit_calibration
     from kit.train.data import load_dataset
     from kit.train.finetune import finetune, pretrain, resolve_device
 
@@ -257,8 +257,11 @@ def run_finetune(req: FinetuneRequest, say: Say, progress_factory: Callable[[str
     device = resolve_device(cfg.device)
     model = model.to(device)
     tasks = ds.supervised_tasks(cfg.finetune.tasks)
+    cc = cfg.calibration
+    calibration = fit_calibration(model, ds, tasks, device, method=cc.method, threshold_rule=cc.threshold,
+                                  target_sensitivity=cc.target_sensitivity, batch_size=cfg.eval_batch_size, bf16=cfg.bf16)
     results = evaluate_tasks(model, ds, tasks, device, split="test", batch_size=cfg.eval_batch_size,
-                             n_boot=cfg.n_bootstrap, seed=cfg.seed, bf16=cfg.bf16)
+                             n_boot=cfg.n_bootstrap, seed=cfg.seed, bf16=cfg.bf16, calibration=calibration)
     metrics = {
         "split": "test",
         "vertical": req.vertical,
@@ -279,6 +282,7 @@ def run_finetune(req: FinetuneRequest, say: Say, progress_factory: Callable[[str
         tasks={"tasks": tasks_meta, "max_len": ds.manifest.get("max_len"), "vocab_size": ds.vocab_size},
         metrics=metrics,
         train_config_yaml=train_config_yaml(cfg),
+        extra_texts={"calibration.json": json.dumps(calibration, indent=1)},
     )
     bundle_file = pack_bundle(bundle_dir, req.workdir / f"{req.vertical}.kitbundle")
     return FinetuneResult(req.workdir, bundle_dir, bundle_file, metrics)
