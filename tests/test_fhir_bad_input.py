@@ -331,3 +331,11 @@ def test_cli_help_shows_an_example():
     for args in (("ingest", "fhir", "--help"), ("inspect", "--help")):
         proc = _kit(*args)
         assert proc.returncode == 0 and "Example" in proc.stdout and "kit " in proc.stdout
+
+
+def test_output_inside_the_input_directory_is_not_read_back(tmp_path):
+    (tmp_path / "export").mkdir()
+    shutil.copy(_small_bundle(), tmp_path / "export" / "p.json.gz")
+    first = run_ingest([tmp_path / "export"], tmp_path / "export" / "events")
+    again = run_ingest([tmp_path / "export"], tmp_path / "export" / "events")
+    assert again.files == first.files == 1 and again.quarantined == 0

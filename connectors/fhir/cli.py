@@ -82,7 +82,7 @@ def run_ingest(
     from kit.fsutil import atomic_dir
 
     start = time.perf_counter()
-    found = sources.discover(paths)
+    found = sources.discover(paths, exclude=Path(out))
     if not found.files:
         raise KitError(
             f"no FHIR input files under {', '.join(map(str, paths))}",

@@ -62,15 +62,21 @@ def file_kind(path: Path) -> str | None:
     return None
 
 
-def discover(paths: list[Path]) -> Discovery:
-    """All input files under `paths`, recursively, in sorted path order (the order dedup ties follow)."""
+def discover(paths: list[Path], exclude: Path | None = None) -> Discovery:
+    """All input files under `paths`, recursively, in sorted path order (the order dedup ties follow).
+
+    `exclude` (the output directory) is never read, so `--out` may sit inside an input directory.
+    """
     found: dict[Path, InputFile] = {}
     skipped: list[tuple[Path, str]] = []
+    excluded = exclude.resolve() if exclude is not None else None
     for root in paths:
         if not root.exists():
             raise KitError(f"{root}: no such file or directory")
         candidates = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
         for p in candidates:
+            if excluded is not None and excluded in p.resolve().parents:
+                continue
             rel_hidden = any(part.startswith(".") for part in p.relative_to(root).parts) if p != root else False
             if rel_hidden:
                 continue
