@@ -13,6 +13,7 @@ import os
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -333,6 +334,24 @@ def display_names(files: list[sources.InputFile], roots: list[Path]) -> list[str
     return out
 
 
+def _run_pool(tasks: list[Task], workers: int, results: list, sizes: list[int], progress) -> None:
+    ctx = get_context("spawn")  # forking a process that runs polars threads can deadlock
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+        futures = {pool.submit(run_task, t): t.index for t in tasks}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION, timeout=0.5)
+            for fut in done:
+                exc = fut.exception()
+                if exc is not None:
+                    for p in pending:
+                        p.cancel()
+                    raise exc
+                results[futures[fut]] = fut.result()
+                if progress:
+                    progress(sizes[futures[fut]])
+
+
 def parse_inputs(
     files: list[sources.InputFile],
     names: list[str],
@@ -368,28 +387,27 @@ def parse_inputs(
     ]
     sizes = [sum(units[j][4] for j in g) for g in groups]
     results: list[TaskResult | None] = [None] * len(tasks)
+
+    def run_here(pending_tasks) -> None:
+        for t in pending_tasks:
+            results[t.index] = run_task(t)
+            if progress:
+                progress(sizes[t.index])
+
     try:
         if workers <= 1 or len(tasks) == 1:
-            for t in tasks:
-                results[t.index] = run_task(t)
-                if progress:
-                    progress(sizes[t.index])
+            run_here(tasks)
         else:
-            ctx = get_context("spawn")  # forking a process that runs polars threads can deadlock
-            with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx, initializer=_worker_init) as pool:
-                futures = {pool.submit(run_task, t): t.index for t in tasks}
-                pending = set(futures)
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_EXCEPTION, timeout=0.5)
-                    for fut in done:
-                        exc = fut.exception()
-                        if exc is not None:
-                            for p in pending:
-                                p.cancel()
-                            raise exc
-                        results[futures[fut]] = fut.result()
-                        if progress:
-                            progress(sizes[futures[fut]])
+            try:
+                _run_pool(tasks, min(workers, len(tasks)), results, sizes, progress)
+            except BrokenProcessPool:
+                # Workers died at start-up (typically: run_ingest called from a script without an
+                # `if __name__ == "__main__":` guard, which spawned processes re-import). Finish in this process;
+                # a task rerun rewrites the same spill and quarantine files, so nothing is counted twice.
+                import sys
+
+                print("kit: the parsing process pool broke; continuing in a single process", file=sys.stderr)
+                run_here([t for t in tasks if results[t.index] is None])
     except RecordRejected as exc:
         raise KitError(f"rejected record: {exc}", hint="drop --on-error fail to quarantine such records") from None
     return [r for r in results if r is not None], n_buckets
