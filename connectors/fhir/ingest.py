@@ -1,8 +1,9 @@
 """Ingest orchestration: input files -> parsing tasks on a process pool -> spill files -> the event store.
 
-Each task parses a run of input files and spills its events as Parquet, bucketed by subject, so that no process
-ever holds the whole dataset; `writer.finalize` then turns every bucket into one sorted shard. Results are merged
-in task order, never completion order, so the output does not depend on scheduling.
+Each task parses a run of input files (or byte ranges of a big plain NDJSON file) and spills its events as Parquet,
+bucketed by subject, so that no process ever holds the whole dataset; `writer.write_shards` then turns every bucket
+into one sorted shard. Results are merged in task order, never completion order, so the output does not depend on
+scheduling or on the number of workers.
 """
 
 from __future__ import annotations
