@@ -104,6 +104,26 @@ def test_triton_native_scan_flip_and_sum_in_interpreter():
     assert "native ok" in out.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(CUDA, reason="the CUDA tests compile the kernels for real")
+def test_triton_kernels_compile_for_h100_without_a_gpu():
+    # The interpreter runs kernels as Python, so it cannot see compile-time errors (a non-constexpr global once
+    # got through it). Compile both kernels for sm_90 with triton's bundled ptxas, in a process without
+    # TRITON_INTERPRET, for grouped and ungrouped B/C.
+    code = (
+        "from kit.kernels.scan_triton import compile_ahead\n"
+        "for grouped in (False, True):\n"
+        "    kernels = compile_ahead(90, 'bf16', grouped=grouped)\n"
+        "    assert all('.target sm_90' in k.asm['ptx'] for k in kernels.values())\n"
+        "print('compiled', sorted(kernels))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", TRITON_DEFAULT_FP_FUSION="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "compiled ['scan_bwd_kernel', 'scan_fwd_kernel']" in out.stdout
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(

@@ -143,3 +143,39 @@ def selective_scan_triton(
     h0 = None if initial_state is None else initial_state.float()
     y, last = TritonScan.apply(u, delta, A, B4, C4, D, z, delta_bias, h0, delta_softplus, chunk)
     return (y, last) if return_last_state else y
+
+
+def compile_ahead(arch: int = 90, act_dtype: str = "bf16", grouped: bool = False, chunk: int = DEFAULT_CHUNK) -> dict:
+    """Compile both kernels for an NVIDIA target without a GPU (triton ships ptxas), at each one's default block
+    shape with every option on. Returns {kernel name: compiled kernel}; raises on any compile error.
+
+    Catches what the interpreter cannot (it runs kernels as Python): compile-time type and constexpr errors.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if interpret_mode():
+        raise KitError("compile_ahead needs TRITON_INTERPRET unset")
+    k = _kernels()
+    act = {"u_ptr", "dt_ptr", "z_ptr", "y_ptr", "B_ptr", "C_ptr", "dy_ptr", "du_ptr", "ddt_ptr", "dz_ptr"}
+    flags = {"HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": True, "GROUPED": grouped, "T": chunk, "NP": 16}
+    out = {}
+    for name, extra, shapes in (
+        ("scan_fwd_kernel", {"HAS_H0": True, "STORE_STATES": True}, k.FWD_SHAPES),
+        ("scan_bwd_kernel", {"HAS_DLAST": True}, k.BWD_SHAPES),
+    ):
+        fn = getattr(k, name).fn  # the JITFunction under the autotuner
+        block_d, warps = shapes[1]
+        constexprs = {**flags, **extra, "BLOCK_D": block_d}
+        signature = {}
+        for arg in fn.arg_names:
+            if arg in constexprs:
+                signature[arg] = "constexpr"
+            elif arg.endswith("_ptr"):
+                signature[arg] = "*" + (act_dtype if arg in act else "fp32")
+            else:
+                signature[arg] = "i32"
+        src = ASTSource(fn, signature, constexprs)
+        out[name] = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 1})
+    return out
