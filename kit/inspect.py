@@ -25,6 +25,7 @@ class StoreSummary:
     events_per_subject: dict[str, float]  # min, median, mean, max
     by_source: list[tuple[str, int]]  # FHIR resourceType (or other source), events
     quarantined: int
+    quarantine_reasons: list[tuple[str, int]]  # reason (up to its first ':'), records
 
 
 def summarize(root: Path | str, top: int = 15) -> StoreSummary:
@@ -63,7 +64,16 @@ def summarize(root: Path | str, top: int = 15) -> StoreSummary:
         else None
     )
     q = root / QUARANTINE_FILE
-    quarantined = sum(1 for _ in q.open("rb")) if q.exists() else 0
+    reasons: dict[str, int] = {}
+    quarantined = 0
+    if q.exists():
+        import json
+
+        with q.open("rb") as fh:
+            for line in fh:
+                quarantined += 1
+                head = str(json.loads(line).get("reason", "")).split(":", 1)[0]
+                reasons[head] = reasons.get(head, 0) + 1
     deaths = subjects.filter(pl.col("death_time").is_not_null()).height if "death_time" in subjects.columns else 0
     return StoreSummary(
         subjects=subjects.height,
@@ -84,6 +94,7 @@ def summarize(root: Path | str, top: int = 15) -> StoreSummary:
         },
         by_source=[tuple(r) for r in by_source.collect().iter_rows()] if by_source is not None else [],
         quarantined=quarantined,
+        quarantine_reasons=sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:top],
     )
 
 
@@ -125,6 +136,14 @@ def print_summary(root: Path, s: StoreSummary) -> None:
         for t, n in s.by_source:
             src.add_row(str(t), f"{n:,}")
         console.print(src)
+
+    if s.quarantine_reasons:
+        why = Table(title="Quarantine reasons (see quarantine.ndjson)", title_justify="left")
+        why.add_column("reason")
+        why.add_column("records", justify="right")
+        for reason, n in s.quarantine_reasons:
+            why.add_row(reason, f"{n:,}")
+        console.print(why)
 
     top = Table(title="Top codes", title_justify="left")
     top.add_column("code")

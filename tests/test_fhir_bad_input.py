@@ -83,6 +83,9 @@ def test_r5_only_field_is_quarantined_naming_the_version(tmp_path):
     assert q["position"] == "line 3" and q["resource_id"] == encounters[2]["id"]
     assert q["reason"].startswith("unsupported FHIR version R5") and "actualPeriod" in q["reason"]
     assert s.other_versions == {"R5": 1}
+    from kit.inspect import summarize
+
+    assert summarize(tmp_path / "out").quarantine_reasons == [("unsupported FHIR version R5 (kit reads R4/R4B)", 1)]
 
 
 def test_all_r5_input_fails_with_the_version_and_writes_nothing(tmp_path):
