@@ -46,6 +46,20 @@ def prevalence(kind: str, y: np.ndarray) -> float | list[float] | None:
     return None
 
 
+def _span(times: np.ndarray) -> list[str] | None:
+    if len(times) == 0:
+        return None
+    return [str(np.min(times))[:10], str(np.max(times))[:10]]
+
+
+def data_summary(ds) -> dict[str, Any]:
+    """The time span of prediction times over every split, and the dataset's end."""
+    times = [t.prediction_times for split in ds.splits.values() for t in split.values() if len(t.prediction_times)]
+    span = _span(np.concatenate(times)) if times else None
+    return {"start": span[0] if span else None, "end": span[1] if span else None,
+            "dataset_end": ds.manifest.get("dataset_end"), "subjects": ds.manifest.get("subjects")}
+
+
 def fit_calibration(model, ds, tasks, device, *, method: str = "temperature", threshold_rule: str = "max_f1",
                     target_sensitivity: float = 0.8, split: str = "val", batch_size: int = 64, bf16: bool = True) -> dict:
     """calibration.json: per task, fit on `split` (the validation split)."""
@@ -166,6 +180,7 @@ def evaluate_tasks(
             continue
         y = targets_array(t.type, rows)
         entry["prevalence"] = prevalence(t.type, y)
+        entry["time_span"] = _span(task_rows.prediction_times)
         logits = task_logits(model, rows, t.name, device, batch_size=batch_size, bf16=bf16).numpy()
         cal_entry = (calibration or {}).get("tasks", {}).get(t.name)
         groups = subgroups_for(ds.manifest, task_rows) if subgroups else None

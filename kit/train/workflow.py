@@ -214,7 +214,9 @@ def _train_stage(run_dir: Path, key: str, resume: bool, train: Callable[[], Any]
 def run_finetune(req: FinetuneRequest, say: Say, progress_factory: Callable[[str, int], Any]) -> FinetuneResult:
     """All stages; `progress_factory(label, total)` returns a callback(step, total, record)."""
     from kit.bundle import pack_bundle, write_bundle
-    from kit.eval.evaluate import evaluate_tasks, fit_calibration
+    from kit import __version__
+    from kit.eval.evaluate import data_summary, evaluate_tasks, fit_calibration
+    from kit.eval.report import model_card_markdown, render_report
     from kit.train.data import load_dataset
     from kit.train.finetune import finetune, pretrain, resolve_device
 
@@ -272,6 +274,8 @@ def run_finetune(req: FinetuneRequest, say: Say, progress_factory: Callable[[str
         "subjects": ds.manifest.get("subjects"),
         "tasks": results,
         "wall_seconds": round(time.perf_counter() - t0, 1),
+        "kit_version": __version__,
+        "data": data_summary(ds),
     }
     tasks_meta = {name: t for name, t in ds.manifest["tasks"].items() if name in {s.name for s in tasks}}
     bundle_dir = write_bundle(
@@ -282,7 +286,8 @@ def run_finetune(req: FinetuneRequest, say: Say, progress_factory: Callable[[str
         tasks={"tasks": tasks_meta, "max_len": ds.manifest.get("max_len"), "vocab_size": ds.vocab_size},
         metrics=metrics,
         train_config_yaml=train_config_yaml(cfg),
-        extra_texts={"calibration.json": json.dumps(calibration, indent=1)},
+        extra_texts={"calibration.json": json.dumps(calibration, indent=1), **render_report(metrics, calibration)},
+        model_card=model_card_markdown(metrics, calibration),
     )
     bundle_file = pack_bundle(bundle_dir, req.workdir / f"{req.vertical}.kitbundle")
     return FinetuneResult(req.workdir, bundle_dir, bundle_file, metrics)
