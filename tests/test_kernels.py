@@ -53,6 +53,11 @@ def test_chunked_matches_reference_fp64(case, chunk):
     check_against_reference(selective_scan_chunked, case, torch.float64, chunk_size=chunk)
 
 
+def test_chunked_takes_non_contiguous_inputs():
+    check_against_reference(selective_scan_chunked, ScanCase(2, 8, 37, 4, groups=2), torch.float64, chunk_size=8,
+                            transposed=True)
+
+
 def test_chunked_without_the_decay_table_matches_reference(monkeypatch):
     # Above DECAY_TABLE_MAX_BYTES the decays are recomputed per step instead of tabulated once.
     import kit.kernels.scan_chunked as scan_chunked

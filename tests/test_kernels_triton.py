@@ -84,6 +84,13 @@ def test_triton_matches_reference_low_precision(dtype):
     check_against_reference(LOW_PRECISION, dtype, None if CUDA else 16)
 
 
+def test_triton_takes_non_contiguous_inputs():
+    # A Mamba block hands the scan transposed views (u, z from in_proj; B, C from x_proj).
+    case = CASES[4][0]
+    check_scan(selective_scan_triton, case, torch.float32, TOLERANCES[torch.float32], device=DEVICE,
+               transposed=True, chunk_size=CASES[4][1])
+
+
 def test_triton_two_halves_with_carried_state_equal_one_scan():
     case = ScanCase(1, 8, 40, 4)
     x = {k: (v.detach() if v is not None else None) for k, v in make_scan_inputs(case, device=DEVICE).items()}

@@ -54,12 +54,14 @@ class TritonScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, chunk: int):
         k = _kernels()
+        # The kernels index (B, D, L) and (B, G, N, L) tensors as row-major; callers often pass transposed views.
         u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
+        D, z, delta_bias, h0 = (None if t is None else t.contiguous() for t in (D, z, delta_bias, h0))
         batch, dim, length = u.shape
         groups, dstate = B.shape[1], B.shape[2]
         nchunks = -(-length // chunk)
         need_states = any(ctx.needs_input_grad)
-        y = torch.empty_like(u)
+        y = torch.empty(u.shape, dtype=u.dtype, device=u.device)
         last = torch.empty(batch, dim, dstate, device=u.device, dtype=torch.float32)
         states = torch.empty(batch, dim, nchunks, dstate, device=u.device, dtype=torch.float32) if need_states else last
         grid = lambda meta: (triton_cdiv(dim, meta["BLOCK_D"]), batch)  # noqa: E731
@@ -86,8 +88,9 @@ class TritonScan(torch.autograd.Function):
         groups, dstate = B.shape[1], B.shape[2]
         nchunks = states.shape[2]
         f32 = dict(device=u.device, dtype=torch.float32)
-        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-        dz = torch.empty_like(z) if z is not None else None
+        du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+        ddelta = torch.empty(delta.shape, dtype=delta.dtype, device=delta.device)
+        dz = None if z is None else torch.empty(z.shape, dtype=z.dtype, device=z.device)
         dA = torch.empty(batch, dim, dstate, **f32)
         dB, dC = torch.zeros(B.shape, **f32), torch.zeros(C.shape, **f32)
         dD = torch.empty(batch, dim, **f32) if D is not None else None

@@ -64,6 +64,16 @@ def make_scan_inputs(case: ScanCase, dtype: torch.dtype = torch.float32, device:
     return out
 
 
+def as_transposed_views(inputs: dict) -> dict:
+    """The same values as non-contiguous views (time-major storage), as a Mamba block's transposes produce."""
+    out = {}
+    for k, v in inputs.items():
+        if v is not None and v.dim() >= 3:
+            v = v.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_(True)
+        out[k] = v
+    return out
+
+
 def run_scan(fn: Callable, inputs: dict, softplus: bool, seed: int = 1, **kwargs):
     """Run ``fn`` forward and backward with fixed random cotangents on y and the last state.
 
@@ -89,16 +99,21 @@ def max_scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def check_against_reference(
-    impl: Callable, case: ScanCase, dtype: torch.dtype, tolerances: tuple[float, float], device: str = "cpu", **kwargs
+    impl: Callable, case: ScanCase, dtype: torch.dtype, tolerances: tuple[float, float], device: str = "cpu",
+    transposed: bool = False, **kwargs,
 ) -> None:
     """Assert ``impl`` matches the sequential reference on ``case``: y, the last state and every input gradient.
 
-    ``tolerances`` = (outputs and last state, gradients), bounds on ``max_scaled_error``.
+    ``tolerances`` = (outputs and last state, gradients), bounds on ``max_scaled_error``; ``transposed`` feeds
+    ``impl`` non-contiguous views of the same values.
     """
     from kit.kernels.scan_reference import selective_scan_reference
 
     inputs = make_scan_inputs(case, dtype, device=device)
     y_ref, last_ref, g_ref = run_scan(selective_scan_reference, inputs, case.softplus)
+    if transposed:
+        inputs = as_transposed_views(inputs)
+        assert not inputs["u"].is_contiguous()
     y, last, g = run_scan(impl, inputs, case.softplus, **kwargs)
     tol_out, tol_grad = tolerances
     assert y.dtype == dtype and y.shape == inputs["u"].shape, (y.dtype, y.shape)
