@@ -42,6 +42,7 @@ COMMAND_MODULES = [
     "kit.datasets.cli",
     "kit.train.cli",
     "kit.bundle_cli",
+    "kit.eval.cli",
 ]
 
 
