@@ -123,9 +123,10 @@ def _read_error(exc: BaseException) -> str:
     return f"unreadable file ({type(exc).__name__})"
 
 
-def _json_error(exc: orjson.JSONDecodeError) -> str:
+def _json_error(exc: orjson.JSONDecodeError, one_line: bool = False) -> str:
     # orjson's message gives the position only, never the content.
-    return f"malformed JSON ({str(exc).split(':', 1)[0]} at line {exc.lineno} column {exc.colno})"
+    where = f"column {exc.colno}" if one_line else f"line {exc.lineno} column {exc.colno}"
+    return f"malformed JSON ({str(exc).split(':', 1)[0]} at {where})"
 
 
 def _id_of(obj: object) -> str | None:
@@ -222,7 +223,7 @@ def _ndjson_records(
                 try:
                     doc = orjson.loads(line)
                 except orjson.JSONDecodeError as exc:
-                    yield RawRecord(line_no, None, _json_error(exc))
+                    yield RawRecord(line_no, None, _json_error(exc, one_line=True))
                     continue
                 if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
                     yield from bundle_records(doc, line_no << ENTRY_BITS, nested_ok=False)
