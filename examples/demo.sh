@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# The main path on the sample data shipped in examples/data.
+# The main path on the sample data shipped in examples/data:
+# ingest FHIR -> inspect -> kit finetune --vertical clinical (pretrain, multitask finetune, evaluate, bundle).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 OUT=kit-runs/demo
+start=$(date +%s)
 kit ingest fhir examples/data/fhir --out "$OUT/events"
 kit inspect "$OUT/events"
+kit finetune --vertical clinical --data "$OUT/events" --workdir "$OUT" \
+  --config examples/demo-train.yaml --dataset-set tokenizer.max_len=256
+echo "demo finished in $(( $(date +%s) - start ))s; bundle: $OUT/clinical.kitbundle"

@@ -17,7 +17,7 @@ def used_inputs(model) -> list[str]:
 
 
 def autocast(device: torch.device, bf16: bool):
-    if device.type == "cuda" and bf16:
+    if torch.device(device).type == "cuda" and bf16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
