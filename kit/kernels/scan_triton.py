@@ -52,7 +52,7 @@ def _dummy(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 class TritonScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, chunk: int):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, chunk: int, need_states: bool):
         k = _kernels()
         # The kernels index (B, D, L) and (B, G, N, L) tensors as row-major; callers often pass transposed views.
         u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
@@ -60,7 +60,6 @@ class TritonScan(torch.autograd.Function):
         batch, dim, length = u.shape
         groups, dstate = B.shape[1], B.shape[2]
         nchunks = -(-length // chunk)
-        need_states = any(ctx.needs_input_grad)
         y = torch.empty(u.shape, dtype=u.dtype, device=u.device)
         last = torch.empty(batch, dim, dstate, device=u.device, dtype=torch.float32)
         states = torch.empty(batch, dim, nchunks, dstate, device=u.device, dtype=torch.float32) if need_states else last
@@ -111,7 +110,7 @@ class TritonScan(torch.autograd.Function):
             du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             None if D is None else dD.sum(0).to(D.dtype), dz,
             None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype),
-            dh0 if has_h0 else None, None, None,
+            dh0 if has_h0 else None, None, None, None,
         )
 
 
@@ -144,7 +143,10 @@ def selective_scan_triton(
     B4 = B if B.dim() == 4 else B.unsqueeze(1)
     C4 = C if C.dim() == 4 else C.unsqueeze(1)
     h0 = None if initial_state is None else initial_state.float()
-    y, last = TritonScan.apply(u, delta, A, B4, C4, D, z, delta_bias, h0, delta_softplus, chunk)
+    # Chunk-start states are only written when a backward can follow (ctx.needs_input_grad ignores no_grad).
+    tensors = (u, delta, A, B4, C4, D, z, delta_bias, h0)
+    need_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    y, last = TritonScan.apply(*tensors, delta_softplus, chunk, need_states)
     return (y, last) if return_last_state else y
 
 
