@@ -147,8 +147,7 @@ class MambaMixer(nn.Module):
         if mask is not None:
             hidden = hidden * mask  # padded positions feed zeros, as transformers does
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (B, D, L) each
-        # A compact gate: the scan saves z for backward, and a view would keep all of in_proj's output alive
-        # (also, the Triton backward at 5390929..a819254 returned garbage dz for a strided z).
+        # A compact gate: the scan saves z for backward, and a view would keep all of in_proj's output alive.
         z = z.contiguous()
 
         conv = kernels.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
