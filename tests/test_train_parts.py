@@ -98,3 +98,17 @@ def test_checkpoints_are_pruned(tmp_path):
         save_checkpoint(tmp_path, model_state=model.state_dict(), optimizer=opt, scheduler=None, state=TrainState(step=step), keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
     assert json.loads((list_checkpoints(tmp_path)[-1] / "state.json").read_text())["step"] == 3
+
+
+def test_out_of_memory_becomes_a_message_naming_what_to_lower(tmp_path):
+    from kit.train.config import OptimSection
+    from kit.train.loop import LoopSettings, run_loop
+
+    model = torch.nn.Linear(2, 1)
+
+    def loss_fn(step, micro):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(KitError) as err:
+        run_loop(model, loss_fn, LoopSettings(run_dir=tmp_path, steps=3, optim=OptimSection(batch_size=32)))
+    assert "batch size 32" in str(err.value) and "batch_size=16" in err.value.hint

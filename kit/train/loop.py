@@ -62,6 +62,15 @@ def load_best(run_dir: Path, model: torch.nn.Module) -> bool:
     return True
 
 
+def _tensorboard(run_dir: Path):
+    """A TensorBoard writer under run_dir/tensorboard when tensorboard is installed; None otherwise."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
 def run_loop(
     model: torch.nn.Module,
     loss_fn: LossFn,
@@ -100,6 +109,7 @@ def run_loop(
     main = distributed.current().is_main
     log_path = run_dir / "metrics.jsonl"
     log = log_path.open("a") if main else None
+    board = _tensorboard(run_dir) if main else None
 
     def checkpoint() -> None:
         if main:
@@ -113,7 +123,14 @@ def run_loop(
             parts: dict[str, float] = {}
             total = 0.0
             for micro in range(o.grad_accum):
-                loss, p = loss_fn(step, micro)
+                try:
+                    loss, p = loss_fn(step, micro)
+                except torch.OutOfMemoryError:
+                    raise KitError(
+                        f"out of memory at step {step + 1} with batch size {o.batch_size}",
+                        hint=f"lower the batch size (e.g. --set finetune.optim.batch_size={max(1, o.batch_size // 2)}) "
+                        f"and raise grad_accum to keep the effective batch, or lower tokenizer.max_len",
+                    ) from None
                 if not torch.isfinite(loss):
                     last = list_checkpoints(run_dir)
                     raise NonFiniteLoss(
@@ -143,6 +160,12 @@ def run_loop(
             if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+            if board is not None:
+                board.add_scalar("loss", total, state.step)
+                for k, v in parts.items():
+                    board.add_scalar(f"loss/{k}", v, state.step)
+                if "eval" in record:
+                    board.add_scalar("eval/score", record["eval"]["score"], state.step)
             if progress is not None and main:
                 progress(state.step, settings.steps, record)
             if settings.patience and state.bad_evals >= settings.patience:
@@ -154,6 +177,8 @@ def run_loop(
     finally:
         if log is not None:
             log.close()
+        if board is not None:
+            board.close()
     distributed.barrier()  # rank 0 has written the best weights before anyone reads them
     if evaluate is not None:
         load_best(run_dir, model)
