@@ -11,7 +11,7 @@ from rich.console import Console
 from kit import __version__, registry
 from kit.errors import KitError
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # never hard-wrap a path in a log
 
 app = typer.Typer(
     name="kit",
