@@ -8,12 +8,18 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from kit import __version__
 from kit.bundle import MANIFEST, open_bundle, pack_bundle, write_bundle, write_manifest
 from kit.datasets.build import build_dataset
 from kit.datasets.config import load_config
 from kit.errors import KitError
+from kit.eval.bundle_eval import evaluate_bundle
+from kit.eval.calibration import fit_task_calibration
+from kit.eval.evaluate import data_summary, evaluate_tasks, fit_calibration
+from kit.eval.report import SECTIONS, model_card_markdown, render_report
+from kit.eval.scoring import targets_array, task_logits
 from kit.train.config import load_train_config
 from kit.train.data import load_dataset
 from kit.train.finetune import finetune
@@ -26,17 +32,32 @@ FAST = ["pretrain.steps=0", "finetune.steps=3", "finetune.eval_every=3", "finetu
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(synthea_events, tmp_path_factory) -> Path:
+def trained(synthea_events, tmp_path_factory):
     root = tmp_path_factory.mktemp("bundle")
     cfg = load_config(None, ["tokenizer.max_len=48", f"tasks=[{TASKS}]"])
     build_dataset("clinical", synthea_events, root / "dataset", cfg)
     ds = load_dataset(root / "dataset")
     tcfg = load_train_config(overrides=FAST)
-    model = finetune(ds, tcfg, root / "ft")
-    tasks = {"tasks": ds.manifest["tasks"], "max_len": ds.manifest.get("max_len"), "vocab_size": ds.vocab_size}
+    return root, ds, tcfg, finetune(ds, tcfg, root / "ft")
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(trained) -> Path:
+    """A bundle made the way `kit finetune` makes it: calibration on val, calibrated test metrics, report, card."""
+    root, ds, tcfg, model = trained
+    tasks = ds.supervised_tasks()
+    cpu = torch.device("cpu")
+    calibration = fit_calibration(model, ds, tasks, cpu, bf16=False)
+    results = evaluate_tasks(model, ds, tasks, cpu, n_boot=20, bf16=False, calibration=calibration)
+    metrics = {"split": "test", "vertical": "clinical", "backbone": "mamba", "size": "tiny", "lora": False,
+               "dataset": str(root / "dataset"), "subjects": ds.manifest.get("subjects"), "tasks": results,
+               "kit_version": __version__, "data": data_summary(ds)}
+    meta = {"tasks": {n: t for n, t in ds.manifest["tasks"].items() if n in {s.name for s in tasks}},
+            "max_len": ds.manifest.get("max_len"), "vocab_size": ds.vocab_size}
     out = write_bundle(root / "bundle", vertical="clinical", model=model, tokenizer_file=root / "dataset" / "tokenizer.json",
-                       tasks=tasks, metrics={"tasks": {}}, train_config_yaml=train_config_yaml(tcfg),
-                       extra_texts={"report/index.html": "<html><body>report</body></html>"})
+                       tasks=meta, metrics=metrics, train_config_yaml=train_config_yaml(tcfg),
+                       extra_texts={"calibration.json": json.dumps(calibration), **render_report(metrics, calibration)},
+                       model_card=model_card_markdown(metrics, calibration))
     pack_bundle(out, root / "clinical.kitbundle")
     return out
 
@@ -57,7 +78,7 @@ def _kit(*args, env_cache: Path):
 def test_bundle_holds_every_part_and_opens_as_dir_and_packed(tiny_bundle, tmp_path):
     names = set(json.loads((tiny_bundle / MANIFEST).read_text())["files"])
     assert {"model.safetensors", "config.json", "tokenizer.json", "tasks.json", "metrics.json", "train_config.yaml",
-            "model_card.md", "report/index.html"} <= names
+            "model_card.md", "report/index.html", "calibration.json"} <= names
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
     a = open_bundle(tiny_bundle)
     b = open_bundle(tiny_bundle.parent / "clinical.kitbundle", cache_dir=tmp_path / "cache")
@@ -72,8 +93,8 @@ def _bundle_files(bundle_dir: Path) -> list[str]:
 
 
 # Parametrized over the files a bundle of this kit writes; the test checks the list is complete.
-FILES = ["MANIFEST.json", "config.json", "metrics.json", "model.safetensors", "model_card.md", "report/index.html",
-         "tasks.json", "tokenizer.json", "train_config.yaml"]
+FILES = ["MANIFEST.json", "calibration.json", "config.json", "metrics.json", "model.safetensors", "model_card.md",
+         "report/index.html", "report/metrics.json", "report/report.md", "tasks.json", "tokenizer.json", "train_config.yaml"]
 
 
 def test_parametrized_file_list_is_every_file(tiny_bundle):
@@ -171,3 +192,70 @@ def test_bundle_verify_and_info_commands(tiny_bundle, tmp_path):
     (bundle / "tasks.json").write_text("{}")
     bad = _kit("bundle", "verify", str(bundle), env_cache=tmp_path / "cache")
     assert bad.returncode == 2 and "tasks.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _same(a, b) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN-safe exact comparison
+
+
+def test_kit_evaluate_reproduces_the_bundles_test_metrics(tiny_bundle, tmp_path):
+    packed = tiny_bundle.parent / "clinical.kitbundle"
+    dataset = tiny_bundle.parent / "dataset"
+    got = evaluate_bundle(packed, dataset, tmp_path / "eval", n_boot=20)
+    want = json.loads((tiny_bundle / "metrics.json").read_text())
+    for name, t in want["tasks"].items():
+        for key in ("n", "prevalence", "model", "threshold", "subgroups", "uncalibrated"):
+            assert _same(got["tasks"][name].get(key), t.get(key)), (name, key)
+    assert (tmp_path / "eval" / "metrics.json").is_file() and (tmp_path / "eval" / "report" / "index.html").is_file()
+    mortality = got["tasks"]["mortality_1y"]
+    assert {"auroc", "auprc", "brier", "ece", "ece_equal_mass", "f1", "sensitivity", "specificity"} <= set(mortality["model"])
+    assert sum(v["n"] for v in mortality["subgroups"]["sex"].values()) == mortality["n"]
+    assert sum(v["n"] for v in mortality["subgroups"]["age_band"].values()) == mortality["n"]
+    everyone = evaluate_bundle(tiny_bundle, dataset, tmp_path / "all", split="all", n_boot=5)
+    n_all = sum(len(ds_split["mortality_1y"].rows) for ds_split in load_dataset(dataset).splits.values())
+    assert everyone["tasks"]["mortality_1y"]["n"] == n_all
+
+
+def test_kit_evaluate_refuses_a_dataset_with_another_tokenizer(tiny_bundle, tmp_path):
+    other = tmp_path / "dataset"
+    shutil.copytree(tiny_bundle.parent / "dataset", other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["vocab"] = list(reversed(tok["vocab"]))
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(KitError, match="tokenizer.json differs from the bundle's"):
+        evaluate_bundle(tiny_bundle, other, tmp_path / "out", n_boot=5)
+    assert not (tmp_path / "out").exists()
+
+
+def test_temperature_scaling_fixes_a_deliberately_overconfident_model(trained):
+    _, ds, _, model = trained
+    task = "next_encounter_type_90d"
+    rows = ds.splits["train"][task].rows[:300]
+    sharp = type(model)(model.config)
+    sharp.load_state_dict(model.state_dict())
+    with torch.no_grad():  # a head 8x too sharp: the same ranking, overconfident probabilities
+        for p in sharp.task_heads.heads[task].parameters():
+            p.mul_(8.0)
+    logits = task_logits(sharp, rows, task, torch.device("cpu"), bf16=False).numpy()
+    entry = fit_task_calibration("multiclass", logits, targets_array("multiclass", rows))
+    assert entry["method"] == "temperature" and entry["temperature"] > 2
+    assert entry["val"]["nll_after"] < entry["val"]["nll_before"]
+
+
+def test_html_report_renders_in_headless_chromium(tiny_bundle, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium not installed")
+    page = tiny_bundle / "report" / "index.html"
+    html = page.read_text()
+    assert "src=\"http" not in html and "<script src" not in html  # self-contained: nothing fetched
+    shot = tmp_path / "report.png"
+    base = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files"]
+    proc = subprocess.run([*base, f"--screenshot={shot}", "--window-size=1280,2000", page.as_uri()],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0 and shot.stat().st_size > 20_000, proc.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    dom = subprocess.run([*base, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=False).stdout
+    for section in SECTIONS:
+        assert f'id="{section.lower().replace(" ", "-")}"' in dom and f"<h2>{section}</h2>" in dom, section
+    assert dom.count("data:image/png;base64,") >= 2  # reliability diagrams and the baseline figure, inline
