@@ -9,5 +9,6 @@ start=$(date +%s)
 kit ingest fhir examples/data/fhir --out "$OUT/events"
 kit inspect "$OUT/events"
 kit finetune --vertical clinical --data "$OUT/events" --workdir "$OUT" \
-  --config examples/demo-train.yaml --dataset-set tokenizer.max_len=256
+  --config examples/demo-train.yaml --dataset-set tokenizer.max_len=256 \
+  --dataset-set splits.train=0.6 --dataset-set splits.val=0.2 --dataset-set splits.test=0.2
 echo "demo finished in $(( $(date +%s) - start ))s; bundle: $OUT/clinical.kitbundle"

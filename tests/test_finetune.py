@@ -70,7 +70,7 @@ def test_finetune_cli_writes_bundle_and_reuses_stages(small_dataset, tmp_path):
     assert {"model.safetensors", "config.json", "tokenizer.json", "tasks.json", "metrics.json"} <= set(bundle_manifest["files"])
     with tarfile.open(wd / "clinical.kitbundle") as tar:
         assert "MANIFEST.json" in tar.getnames()
-    assert "mortality_1y" in proc.stdout and "baseline" in proc.stdout
+    assert "mortality_1y" in proc.stdout and "baseline" in proc.stdout and "AUROC" in proc.stdout
     weights = load_file(str(wd / "bundle" / "model.safetensors"))
 
     again = _kit(*args)
