@@ -274,6 +274,19 @@ def test_from_pretrained_accepts_plain_transformers_directories(tmp_path) -> Non
             assert torch.equal(from_pretrained(tmp_path / f"kit-{kind}")(x).lm_logits, out.lm_logits)
 
 
+def test_load_backbone_reads_sharded_checkpoints(tmp_path) -> None:
+    torch.manual_seed(0)
+    hf = transformers.MambaForCausalLM(tiny_hf_mamba_config()).eval()
+    perturb(hf)
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(load_backbone(tmp_path)(x).last_hidden_state, hf.backbone(x).last_hidden_state,
+                                   atol=1e-5, rtol=0)
+
+
 def test_pickled_weights_are_refused(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(tiny_hf_mamba_config().to_dict()))
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
