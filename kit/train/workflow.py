@@ -216,6 +216,7 @@ def run_finetune(req: FinetuneRequest, say: Say, progress_factory: Callable[[str
     from kit.bundle import pack_bundle, write_bundle
     from kit import __version__
     from kit.eval.evaluate import data_summary, evaluate_tasks, fit_calibration
+    from kit.eval.forgetting import measure_forgetting
     from kit.eval.report import model_card_markdown, render_report
     from kit.train.data import load_dataset
     from kit.train.finetune import finetune, pretrain, resolve_device
@@ -264,6 +265,7 @@ def run_finetune(req: FinetuneRequest, say: Say, progress_factory: Callable[[str
                                   target_sensitivity=cc.target_sensitivity, batch_size=cfg.eval_batch_size, bf16=cfg.bf16)
     results = evaluate_tasks(model, ds, tasks, device, split="test", batch_size=cfg.eval_batch_size,
                              n_boot=cfg.n_bootstrap, seed=cfg.seed, bf16=cfg.bf16, calibration=calibration)
+    forgetting = measure_forgetting(base, model, ds, device, max_rows=cfg.max_eval_rows, seed=cfg.seed, bf16=cfg.bf16)
     metrics = {
         "split": "test",
         "vertical": req.vertical,
@@ -276,6 +278,7 @@ def run_finetune(req: FinetuneRequest, say: Say, progress_factory: Callable[[str
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "kit_version": __version__,
         "data": data_summary(ds),
+        "forgetting": forgetting,
     }
     tasks_meta = {name: t for name, t in ds.manifest["tasks"].items() if name in {s.name for s in tasks}}
     bundle_dir = write_bundle(
