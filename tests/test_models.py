@@ -382,6 +382,12 @@ def test_bf16_forward_is_close_to_fp32(kind) -> None:
             torch.testing.assert_close(value.float(), full.task_outputs[name], atol=0.1, rtol=0.05)
 
 
+def test_lora_with_wrong_targets_is_a_clear_error() -> None:
+    with pytest.raises(KitError, match="do not fit the transformer backbone") as err:
+        apply_lora(tiny_model("transformer"), target_modules=["x_proj", "dt_proj"])
+    assert "q_proj" in err.value.hint
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_lora_adapters_all_get_gradient_triton() -> None:

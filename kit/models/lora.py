@@ -31,7 +31,13 @@ def apply_lora(
         raise KitError(f"apply_lora needs a KitModel, got {type(model).__name__}")
     targets = list(target_modules or DEFAULT_TARGETS[model.config.backbone.kind])
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
-    peft_model = get_peft_model(model, config)
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as err:  # peft: none of the target modules exist in this backbone
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.backbone.named_modules()
+                         if isinstance(m, nn.Linear)})
+        raise KitError(f"LoRA target modules {targets} do not fit the {model.config.backbone.kind} backbone ({err})",
+                       hint=f"its linear layers are named {linear}") from err
     for name, param in model.named_parameters():
         if name.split(".")[0] in trainable_modules:
             param.requires_grad_(True)
