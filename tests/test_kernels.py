@@ -121,8 +121,12 @@ def test_shape_errors_are_clear():
 
 # --- dispatcher ---------------------------------------------------------------------------------------------
 
-def test_auto_picks_chunked_on_cpu(monkeypatch):
+def test_auto_picks_chunked_on_cpu_without_the_extension(monkeypatch):
+    # With the C++ extension built, auto takes "cpu" (tests/test_kernels_cpu.py); chunked is the fallback.
+    import kit.kernels.dispatch as dispatch
+
     monkeypatch.delenv("KIT_SCAN_IMPL", raising=False)
+    monkeypatch.setattr(dispatch, "cpu_extension_available", lambda: False)
     assert resolve_impl("auto", torch.device("cpu")) == "chunked"
 
 

@@ -17,7 +17,10 @@ IMPLS: dict[str, tuple[str, str]] = {
     "chunked": ("kit.kernels.scan_chunked", "selective_scan_chunked"),
     "triton": ("kit.kernels.scan_triton", "selective_scan_triton"),
     "mamba_ssm": ("kit.kernels.scan_mamba_ssm", "selective_scan_mamba_ssm"),
+    "cpu": ("kit.kernels.scan_cpu", "selective_scan_cpu"),
 }
+# On CPU, auto takes the fused C++ scan when it builds (once, on first use) and the chunked PyTorch scan otherwise.
+CPU_FAST = "cpu"
 CPU_DEFAULT = "chunked"
 
 
@@ -30,10 +33,18 @@ def triton_available() -> bool:
     return True
 
 
+def cpu_extension_available() -> bool:
+    """True when the fused CPU scan's C++ extension builds (tried once per process, a failure is logged)."""
+    from kit.kernels.scan_cpu import extension_available
+
+    return extension_available()
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
     """Turn ``impl`` ("auto" or a name) into a concrete implementation name.
 
-    ``auto`` honours the ``KIT_SCAN_IMPL`` environment variable, else picks triton on CUDA and chunked elsewhere.
+    ``auto`` honours the ``KIT_SCAN_IMPL`` environment variable, else picks triton on CUDA, the compiled ``cpu``
+    scan on CPU when its extension builds, and chunked otherwise.
     """
     if impl == "auto":
         forced = os.environ.get(ENV_VAR, "").strip()
@@ -43,6 +54,8 @@ def resolve_impl(impl: str, device: torch.device) -> str:
                 raise KitError(f"{ENV_VAR}={forced!r} is not a selective-scan implementation; choose one of: auto, {', '.join(IMPLS)}")
         elif device.type == "cuda" and triton_available():
             impl = "triton"
+        elif device.type == "cpu" and cpu_extension_available():
+            impl = CPU_FAST
         else:
             impl = CPU_DEFAULT
     if impl not in IMPLS:
@@ -75,7 +88,7 @@ def selective_scan(
     (batch, groups, dstate, length); D, delta_bias: (dim,); z: like u (output gate ``y * silu(z)``);
     initial_state: (batch, dim, dstate). Accumulates in fp32 and returns y in u's dtype, or
     ``(y, last_state)`` with an fp32 (batch, dim, dstate) state when ``return_last_state``.
-    ``impl``: "auto", "reference", "chunked", "triton" or "mamba_ssm".
+    ``impl``: "auto", "reference", "chunked", "cpu" (fused C++ scan, compiled on first use), "triton" or "mamba_ssm".
 
     Example::
 

@@ -1,0 +1,143 @@
+"""The fused CPU selective scan (C++ extension) against the sequential reference, and the dispatcher's use of it.
+
+Skips when the extension cannot build here (no compiler or ninja); the first test pays the one-time compile.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kit.kernels import resolve_impl, selective_scan
+from kit.kernels.testing import ScanCase, make_scan_inputs
+from kit.kernels.testing import check_against_reference as check_scan
+
+torch.set_num_threads(1)
+
+
+def _extension_or_skip():
+    from kit.kernels.scan_cpu import extension_available
+
+    if not extension_available():
+        pytest.skip("the CPU selective-scan extension does not build here")
+    from kit.kernels.scan_cpu import selective_scan_cpu
+
+    return selective_scan_cpu
+
+
+@pytest.fixture(scope="module")
+def scan_cpu():
+    return _extension_or_skip()
+
+
+# Bound on max|impl - reference| / max|reference| per input dtype: (outputs and last state, input gradients).
+# fp64 runs the same loops in fp64 with libm's exp; fp32 uses the kernel's polynomial exp (~2 ulp).
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 1e-4),
+    torch.float16: (4e-3, 1e-2),
+    torch.bfloat16: (2e-2, 4e-2),
+}
+
+# The grid of tests/test_kernels.py, plus lengths around the kernel's 64-step chunk.
+CASES = [
+    ScanCase(2, 8, 1, 4),
+    ScanCase(2, 8, 37, 4),
+    ScanCase(2, 8, 37, 4, D=False, z=False, delta_bias=False, softplus=False, initial_state=False),
+    ScanCase(1, 6, 64, 1, z=False, initial_state=False),
+    ScanCase(2, 8, 50, 16, delta_bias=False),
+    ScanCase(2, 8, 50, 16, D=False, softplus=False),
+    ScanCase(2, 8, 29, 4, groups=2),
+    ScanCase(1, 12, 33, 16, groups=3, z=False, D=False),
+    ScanCase(2, 8, 65, 16),
+    ScanCase(1, 4, 200, 16, groups=2),
+]
+
+
+def check_against_reference(impl, case: ScanCase, dtype: torch.dtype, **kwargs) -> None:
+    check_scan(impl, case, dtype, TOLERANCES[dtype], **kwargs)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cpu_matches_reference(scan_cpu, case, dtype):
+    check_against_reference(scan_cpu, case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [CASES[1], CASES[6], CASES[9]], ids=str)
+def test_cpu_low_precision_inputs_accumulate_in_fp32(scan_cpu, case, dtype):
+    check_against_reference(scan_cpu, case, dtype)
+
+
+def test_cpu_takes_non_contiguous_inputs(scan_cpu):
+    check_against_reference(scan_cpu, ScanCase(2, 8, 70, 4, groups=2), torch.float64, transposed=True)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_is_the_same_with_more_threads(scan_cpu, threads):
+    # dB/dC/dA are summed from per-thread partial buffers: still within tolerance, and repeatable.
+    torch.set_num_threads(threads)
+    try:
+        check_against_reference(scan_cpu, ScanCase(3, 10, 90, 16, groups=2), torch.float32)
+        x = make_scan_inputs(ScanCase(3, 10, 90, 16, groups=2), torch.float32)
+        runs = []
+        for _ in range(2):
+            y = scan_cpu(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"], delta_bias=x["delta_bias"],
+                         delta_softplus=True, initial_state=x["initial_state"])
+            runs.append(torch.autograd.grad(y.square().sum(), [x["B"], x["A"]]))
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_cpu_two_halves_with_carried_state_equal_one_scan(scan_cpu):
+    case = ScanCase(2, 8, 130, 16)
+    x = {k: (v.detach() if v is not None else None) for k, v in make_scan_inputs(case, torch.float64).items()}
+    kw = dict(D=x["D"], delta_bias=x["delta_bias"], delta_softplus=True, return_last_state=True, impl="cpu")
+    full, last = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], z=x["z"], initial_state=x["initial_state"], **kw)
+    cut = 77
+    parts, state = [], x["initial_state"]
+    for sl in (slice(0, cut), slice(cut, None)):
+        y, state = selective_scan(x["u"][..., sl], x["delta"][..., sl], x["A"], x["B"][..., sl], x["C"][..., sl],
+                                  z=x["z"][..., sl], initial_state=state, **kw)
+        parts.append(y)
+    torch.testing.assert_close(torch.cat(parts, -1), full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state, last, rtol=1e-12, atol=1e-12)
+
+
+def test_cpu_is_stable_for_long_sequences_and_large_steps(scan_cpu):
+    # Steps large enough that exp(delta A) underflows: the kernel's exp clamps instead of producing garbage.
+    case = ScanCase(1, 4, 3000, 16, D=False, z=False, delta_bias=False, softplus=False, initial_state=False)
+    x = make_scan_inputs(case, torch.float32)
+    delta = (torch.rand(1, 4, 3000) * 50 + 1).requires_grad_(True)
+    y = scan_cpu(x["u"], delta, x["A"], x["B"], x["C"])
+    y_ref = selective_scan(x["u"], delta, x["A"], x["B"], x["C"], impl="reference")
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    y.square().sum().backward()
+    assert all(torch.isfinite(x[k].grad).all() for k in ("u", "A", "B", "C")) and torch.isfinite(delta.grad).all()
+
+
+def test_auto_picks_cpu_when_the_extension_builds(monkeypatch, scan_cpu):
+    monkeypatch.delenv("KIT_SCAN_IMPL", raising=False)
+    assert resolve_impl("auto", torch.device("cpu")) == "cpu"
+    monkeypatch.setenv("KIT_SCAN_IMPL", "chunked")
+    assert resolve_impl("auto", torch.device("cpu")) == "chunked"
+
+
+def test_auto_falls_back_to_chunked_when_the_build_fails(monkeypatch):
+    import kit.kernels.scan_cpu as scan_cpu_module
+    from kit.errors import KitError
+
+    monkeypatch.delenv("KIT_SCAN_IMPL", raising=False)
+    monkeypatch.setattr(scan_cpu_module, "_EXT", None)
+    monkeypatch.setattr(scan_cpu_module, "_BUILD_ERROR", None)
+
+    def broken_build():
+        raise RuntimeError("Error building extension 'kit_selective_scan_cpu'")
+
+    monkeypatch.setattr(scan_cpu_module, "_build", broken_build)
+    assert resolve_impl("auto", torch.device("cpu")) == "chunked"
+    u = torch.zeros(1, 2, 3)
+    with pytest.raises(KitError, match="could not be built.*impl='chunked'"):
+        selective_scan(u, u, torch.zeros(2, 1), torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), impl="cpu")
