@@ -220,8 +220,14 @@ def build_dataset(
     *,
     on_chunk: Callable[[int, int], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
+    tokenizer_file: Path | str | None = None,
+    task_classes: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
-    """Build the dataset and return its manifest. `on_stage(text)` and `on_chunk(done, total)` report progress."""
+    """Build the dataset and return its manifest. `on_stage(text)` and `on_chunk(done, total)` report progress.
+
+    `tokenizer_file` and `task_classes` reuse a bundle's tokenizer and task classes instead of fitting them on this
+    population's train split (`kit evaluate` on another population: token ids and heads must mean the same).
+    """
     stage = on_stage or (lambda _text: None)
     events_dir, out_dir = Path(events_dir), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists())):
@@ -255,11 +261,15 @@ def build_dataset(
         codes = read_codes(events_dir)
     except KitError:
         codes = pl.DataFrame(schema={"code": pl.String, "description": pl.String})
-    context = {"follow_up": config.follow_up.model_dump(), "dataset_end": dataset_end, "codes": codes}
+    context = {"follow_up": config.follow_up.model_dump(), "dataset_end": dataset_end, "codes": codes,
+               "task_classes": task_classes or {}}
     stage(f"fitting tasks and tokenizer on the train split ({train_ids.len():,} subjects)")
     tasks: list[PreparedTask] = vertical.prepare(specs, train_events, context)
     infos = [t.info for t in tasks]
-    tokenizer = Tokenizer.fit(train_events, config.tokenizer, extra_tokens=[i.task_token for i in infos])
+    if tokenizer_file is not None:
+        tokenizer = Tokenizer.load(tokenizer_file)
+    else:
+        tokenizer = Tokenizer.fit(train_events, config.tokenizer, extra_tokens=[i.task_token for i in infos])
     max_len = config.tokenizer.max_len
 
     counts = {i.name: {s: _empty_counts() for s in SPLITS} for i in infos}

@@ -56,6 +56,34 @@ def check_dataset_matches(bundle: Bundle, dataset_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+def dataset_for_population(bundle: Bundle, data: Path, work: Path, say) -> Path:
+    """Ingest raw records (unless `data` is already an event store) and build their dataset with the bundle's
+    tokenizer and task classes; returns the dataset directory (reused when already built in `work`)."""
+    from kit import registry
+    from kit.datasets.build import build_dataset
+    from kit.datasets.config import load_config
+    from kit.events import is_event_store
+
+    vertical = registry.vertical(bundle.vertical)
+    if is_event_store(data):
+        events = data
+    else:
+        if not hasattr(vertical, "ingest"):
+            raise KitError(f"vertical '{bundle.vertical}' cannot read raw records; ingest them first and pass the event store")
+        events = work / "events"
+        if not is_event_store(events):
+            say(f"ingesting {data} -> {events}")
+            vertical.ingest([data], events, show_progress=False)
+    meta = bundle.tasks
+    tasks = sorted(meta.get("tasks", {}))
+    config = load_config(None, [f"tokenizer.max_len={meta.get('max_len') or 512}", f"tasks=[{','.join(tasks)}]"])
+    classes = {n: t["classes"] for n, t in meta.get("tasks", {}).items() if t.get("classes")}
+    out = work / "dataset"
+    say(f"building {events}'s dataset with the bundle's tokenizer -> {out}")
+    build_dataset(bundle.vertical, events, out, config, tokenizer_file=bundle.path("tokenizer.json"), task_classes=classes)
+    return out
+
+
 def evaluate_bundle(bundle_path: Path, data: Path, out: Path, *, split: str = "test", n_boot: int = 500, seed: int = 0,
                     batch_size: int = 64, device: str = "auto", say=lambda _t: None) -> dict[str, Any]:
     """Evaluate a bundle on a dataset; writes out/metrics.json and out/report/ atomically and returns the metrics."""
@@ -71,12 +99,13 @@ def evaluate_bundle(bundle_path: Path, data: Path, out: Path, *, split: str = "t
     bundle = open_bundle(bundle_path)
     say(f"bundle verified: {bundle_path} (kit {bundle.kit_version}, {len(bundle.manifest['files'])} files)")
     data = Path(data)
+    if not data.exists():
+        raise KitError(f"{data}: no such file or directory")
     if not (data / "manifest.json").is_file():
-        raise KitError(
-            f"{data}: not a built dataset (no manifest.json)",
-            hint="pass the dataset directory a finetune run built (<workdir>/dataset); scoring raw records or an event "
-                 "store of another population with the bundle's tokenizer is not supported yet",
-        )
+        # Another population's records: its dataset is built with the bundle's tokenizer and task classes, and
+        # every row is scored (none of it was seen in training).
+        data = dataset_for_population(bundle, data, Path(str(out) + ".work"), say)
+        split = "all" if split == "test" else split
     check_dataset_matches(bundle, data)
     ds = load_dataset(data)
     if split == "all":

@@ -83,7 +83,9 @@ class ClinicalVertical:
             if isinstance(spec.label, NextEncounterClassRule):
                 task.classes = list(spec.label.classes) + ([spec.label.none_class] if spec.label.none_class else [])
             elif isinstance(spec.label, NewConditionRule):
-                chosen = choose_condition_codes(train_events, spec.label)
+                fixed = (context.get("task_classes") or {}).get(spec.name)
+                # A bundle's classes when given (scoring another population with its heads), else fit on train.
+                chosen = pl.DataFrame({"code": fixed}) if fixed else choose_condition_codes(train_events, spec.label)
                 task.condition_codes = chosen.get_column("code").to_list()
                 task.classes = list(task.condition_codes)
                 task.class_descriptions = [describe.get(c) or c for c in task.condition_codes]
