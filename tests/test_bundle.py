@@ -264,3 +264,18 @@ def test_html_report_renders_in_headless_chromium(tiny_bundle, tmp_path):
     for section in SECTIONS:
         assert f'id="{section.lower().replace(" ", "-")}"' in dom and f"<h2>{section}</h2>" in dom, section
     assert dom.count("data:image/png;base64,") >= 2  # reliability diagrams and the baseline figure, inline
+
+
+def test_kit_evaluate_on_another_populations_raw_fhir(tiny_bundle, tmp_path):
+    """The shipped example export stands in for a second hospital: ingested, built with the bundle's tokenizer and
+    classes, every row scored with the bundle's calibration."""
+    raw = REPO / "examples" / "data" / "fhir" / "synthea-bundles"
+    got = evaluate_bundle(tiny_bundle, raw, tmp_path / "other", n_boot=5)
+    assert got["split"] == "all"
+    built = tmp_path / "other.work" / "dataset"
+    assert (built / "tokenizer.json").read_bytes() == (tiny_bundle / "tokenizer.json").read_bytes()
+    bundle_tasks = json.loads((tiny_bundle / "tasks.json").read_text())["tasks"]
+    theirs = json.loads((built / "manifest.json").read_text())["tasks"]
+    assert theirs["new_diagnosis_1y"]["classes"] == bundle_tasks["new_diagnosis_1y"]["classes"]
+    assert got["tasks"]["mortality_1y"]["n"] > 0 and "ece" in got["tasks"]["mortality_1y"]["model"]
+    assert (tmp_path / "other" / "report" / "index.html").is_file()
