@@ -110,6 +110,7 @@ def finetune_command(
     keep_forecasting: float | None = typer.Option(None, "--keep-forecasting", help="Weight of the next-event loss kept against forgetting, e.g. 0.1."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --workdir."),
+    single_task: str | None = typer.Option(None, "--single-task", help="Finetune on this one task only, to compare with the multitask run."),
 ) -> None:
     """Pretrain (unless --base-model), finetune on every task of the vertical, evaluate, and write the bundle.
 
@@ -120,6 +121,8 @@ def finetune_command(
     from kit.train.workflow import FinetuneRequest, default_workdir, run_finetune
 
     cfg = _overrides(config, sets, backbone, size, lora, keep_forecasting, device)
+    if single_task:
+        cfg.finetune.tasks = [single_task]
     if resume and workdir is None:
         raise KitError("--resume needs the --workdir of the interrupted run")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and workdir is None:
