@@ -16,6 +16,20 @@ except ImportError:  # kit's data side is usable without torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+# Modules that run Mamba on CPU, some through `kit` subprocesses under a timeout.
+CPU_SCAN_USERS = {"test_bundle.py", "test_finetune.py", "test_models.py", "test_kernels.py", "test_kernels_cpu.py"}
+
+
+def pytest_collection_finish(session):
+    """Build the fused CPU scan extension once, before those modules run: with a cold cache, the first
+    `impl="auto"` on CPU compiles it (1-2 min), which should not happen inside a subprocess's timeout."""
+    if not {Path(str(item.fspath)).name for item in session.items} & CPU_SCAN_USERS:
+        return
+    try:
+        from kit.kernels.dispatch import cpu_extension_available
+    except ImportError:  # no torch: nothing to build
+        return
+    cpu_extension_available()  # a failure is logged once and auto falls back to chunked
 
 
 @pytest.fixture(scope="session")
