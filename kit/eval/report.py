@@ -94,7 +94,7 @@ def reliability_figure(name: str, entry: dict) -> str | None:
         ax.set_ylim(0, 1)
         ax.set_xlabel("mean predicted probability", fontsize=8)
     axes[0].set_ylabel("observed frequency", fontsize=8)
-    fig.suptitle(name, fontsize=10)
+    fig.suptitle(name, fontsize=10, y=1.06)
     return _png(fig)
 
 
