@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -119,17 +120,37 @@ def test_cli_errors_are_messages_not_tracebacks(args, message, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_unfinished_run_needs_resume(small_dataset, tmp_path):
+def test_killed_cli_run_needs_resume_then_finishes(small_dataset, tmp_path):
+    """A real kill (SIGKILL) mid-finetune: rerunning refuses without --resume, continues with it."""
     wd = tmp_path / "run"
-    ds = load_dataset(small_dataset)
-    cfg = load_train_config(overrides=FAST + ["pretrain.steps=0"])
-    with pytest.raises(KeyboardInterrupt):
-        finetune(ds, cfg, wd / "finetune", stop_at=2)  # checkpoint at step 2, then "killed"
     args = ["finetune", "--vertical", "clinical", "--data", str(small_dataset), "--workdir", str(wd)]
-    for s in FAST + ["pretrain.steps=0"]:
+    for s in FAST + ["pretrain.steps=0", "finetune.steps=8", "finetune.checkpoint_every=1"]:
         args += ["--set", s]
-    proc = _kit(*args)
-    assert proc.returncode == 2 and "unfinished run" in proc.stderr and "--resume" in proc.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "kit", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = wd / "finetune" / "checkpoints" / "step-00000002"
+    deadline = time.monotonic() + 400
+    while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert target.exists(), "the run never reached its second checkpoint"
+    refused = _kit(*args)
+    assert refused.returncode == 2 and "unfinished run" in refused.stderr and "--resume" in refused.stderr
+    resumed = _kit(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (wd / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 8 and (wd / "clinical.kitbundle").exists()
+
+
+def test_changed_config_rebuilds_the_stage_instead_of_resuming(small_dataset, tmp_path):
+    wd = tmp_path / "run"
+    base = ["finetune", "--vertical", "clinical", "--data", str(small_dataset), "--workdir", str(wd)]
+    for s in FAST + ["pretrain.steps=0", "finetune.steps=2", "finetune.eval_every=2"]:
+        base += ["--set", s]
+    assert _kit(*base).returncode == 0
+    changed = _kit(*base, "--set", "finetune.optim.lr=0.0005")
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "finetune: reusing" not in changed.stdout
 
 
 def test_config_show_and_schema():

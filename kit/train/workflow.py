@@ -156,18 +156,25 @@ def prepare_dataset(req: FinetuneRequest, say: Say) -> Path:
     return _reuse_or_build(req.workdir, "dataset", ds_key, build, say)
 
 
-def check_resume(run_dir: Path, key: str, resume: bool) -> None:
+def check_resume(run_dir: Path, key: str, resume: bool) -> bool:
+    """Whether to continue from the checkpoints in run_dir.
+
+    An interrupted run of the same config continues only with --resume (so nobody resumes by accident); a run made
+    with another config, or a finished one, is stale and the stage starts clean.
+    """
     ckpts = list_checkpoints(run_dir)
-    if not ckpts or stage_done(run_dir, key):
-        return
+    stamp = run_dir / "run_key.txt"
+    same_config = stamp.exists() and stamp.read_text().strip() == key
+    if not ckpts or not same_config or stage_done(run_dir, key):
+        if resume and ckpts and not same_config:
+            raise KitError(f"{run_dir}: --resume with a different config than the interrupted run; use another --workdir")
+        return False
     if not resume:
         raise KitError(
             f"{run_dir} holds an unfinished run (last checkpoint {ckpts[-1].name})",
             hint="pass --resume to continue it, or choose another --workdir",
         )
-    stamp_cfg = run_dir / "run_key.txt"
-    if stamp_cfg.exists() and stamp_cfg.read_text().strip() != key:
-        raise KitError(f"{run_dir}: --resume with a different config than the interrupted run; use another --workdir")
+    return True
 
 
 def train_config_yaml(config: TrainConfig) -> str:
@@ -194,12 +201,12 @@ def _train_stage(run_dir: Path, key: str, resume: bool, train: Callable[[], Any]
     if stage_done(run_dir, key) and model_dir.exists():
         say(f"[dim]{label}: reusing {model_dir}[/]")
         return KitModel.from_pretrained(model_dir)
-    check_resume(run_dir, key, resume)
+    continuing = check_resume(run_dir, key, resume)
     if distributed.current().is_main:
-        if not resume and run_dir.exists():
+        if not continuing and run_dir.exists():
             import shutil
 
-            shutil.rmtree(run_dir)  # a stale, differently configured run: start clean
+            shutil.rmtree(run_dir)  # a stale or differently configured run: start clean
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run_key.txt").write_text(key)
     distributed.barrier()
