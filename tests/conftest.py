@@ -62,3 +62,46 @@ def synthea_events(synthea_bundles: Path, tmp_path_factory) -> Path:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
+
+
+EXAMPLE_FHIR = REPO / "examples" / "data" / "fhir"
+TINY_BUNDLE_TASKS = ["mortality_1y", "next_encounter_type_90d", "new_diagnosis_1y", "readmission_30d"]
+TINY_BUNDLE_TRAIN = [
+    "device=cpu", "model.size=tiny", "pretrain.steps=2", "pretrain.optim.batch_size=4", "finetune.steps=3",
+    "finetune.eval_every=3", "finetune.checkpoint_every=3", "finetune.optim.batch_size=4", "n_bootstrap=20",
+    "max_eval_rows=32",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_clinical_bundle(tmp_path_factory) -> Path:
+    """A small trained clinical bundle, built once per session by the real `kit finetune` workflow (in process).
+
+    Trained on the 40 Synthea patients shipped in examples/data/fhir/synthea-bundles (no ../shared/data needed), with
+    60/20/20 subject splits, sequences cut to 48 tokens, a tiny Mamba, 2 pretraining and 3 finetuning steps: the
+    metrics mean nothing, the files are real (calibration, report, model card, forgetting, MANIFEST hashes).
+    Task heads: mortality_1y (binary), next_encounter_type_90d (multiclass), new_diagnosis_1y (multilabel).
+
+    Returns the bundle directory `<workdir>/bundle`. Beside it, for tests to read:
+
+        <workdir>/clinical.kitbundle   the same bundle packed (open_bundle(..., cache_dir=tmp_path) to unpack it)
+        <workdir>/dataset/             the dataset it was trained and evaluated on (its tokenizer is the bundle's)
+        <workdir>/events/              the event store ingested from the example FHIR
+
+    Shared by every test module of the session: never change these files; copy them first (shutil.copytree).
+    """
+    from kit.train.config import load_train_config
+    from kit.train.workflow import FinetuneRequest, run_finetune
+
+    workdir = tmp_path_factory.mktemp("tiny-clinical")
+    req = FinetuneRequest(
+        vertical="clinical",
+        data=[EXAMPLE_FHIR / "synthea-bundles"],
+        workdir=workdir,
+        config=load_train_config(overrides=TINY_BUNDLE_TRAIN),
+        dataset_overrides=["tokenizer.max_len=48", f"tasks=[{','.join(TINY_BUNDLE_TASKS)}]", "splits.train=0.6",
+                           "splits.val=0.2", "splits.test=0.2"],
+    )
+    req.config.finetune.tasks = TINY_BUNDLE_TASKS[:3]
+    result = run_finetune(req, lambda _msg: None, lambda _label, _total: None)
+    return result.bundle_dir
