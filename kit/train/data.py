@@ -53,18 +53,24 @@ class LoadedDataset:
         return next((n for n, t in self.manifest["tasks"].items() if t["type"] == "forecast"), None)
 
 
-def _task_rows(root: Path, split: str, name: str, info: dict) -> TaskRows:
+def rows_from_frame(df: pl.DataFrame | pl.LazyFrame, name: str, kind: str, num_outputs: int) -> tuple[list[Row], pl.DataFrame]:
+    """Rows of one task from dataset-schema records; the dataset loader and the Predictor both read rows this way."""
     # Times as int64 microseconds up front: converting datetimes token by token in Python dominated load time.
-    df = scan_rows(root, split, name).with_columns(
+    df = df.lazy().with_columns(
         pl.col("token_time").list.eval(pl.element().dt.epoch("us")),
         pl.col("prediction_time").dt.epoch("us").alias("_pred_us"),
     ).collect()
-    kind = info["type"]
     with_token = kind in SUPERVISED
     rows = [
-        make_row({**rec, "prediction_time": rec["_pred_us"]}, name, kind, int(info["num_outputs"]), with_task_token=with_token)
+        make_row({**rec, "prediction_time": rec["_pred_us"]}, name, kind, num_outputs, with_task_token=with_token)
         for rec in df.iter_rows(named=True)
     ]
+    return rows, df
+
+
+def _task_rows(root: Path, split: str, name: str, info: dict) -> TaskRows:
+    kind = info["type"]
+    rows, df = rows_from_frame(scan_rows(root, split, name), name, kind, int(info["num_outputs"]))
     return TaskRows(
         name=name,
         type=kind,
