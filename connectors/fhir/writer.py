@@ -7,11 +7,9 @@ settings, so the same input gives byte-identical Parquet files.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import shutil
 from collections.abc import Callable
-from functools import cache
 from pathlib import Path
 
 import orjson
@@ -19,7 +17,6 @@ import polars as pl
 
 from connectors.fhir import extract, sources
 from connectors.fhir.extract import EventColumns, PatientRow
-from kit import __version__
 from kit.events import (
     CODE_SCHEMA,
     CODES_FILE,
@@ -30,6 +27,9 @@ from kit.events import (
     SUBJECT_SCHEMA,
     SUBJECTS_FILE,
 )
+# Types, Parquet settings and the MEDS metadata are the same for every connector: kit.storewrite.
+from kit.storewrite import PARQUET_OPTIONS, ROW_GROUP_SIZE, arrow_schemas, dataset_metadata, write_table
+from kit.storewrite import vocabulary as _vocabulary
 
 INTERNAL_SCHEMA: dict[str, pl.DataType] = {
     **EVENT_SCHEMA,
@@ -39,54 +39,6 @@ INTERNAL_SCHEMA: dict[str, pl.DataType] = {
     "updated": pl.Int64(),
 }
 REPORT_FILE = "metadata/ingest_report.json"
-PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 3, "write_statistics": True}
-ROW_GROUP_SIZE = 128_000
-@cache
-def arrow_schemas() -> dict:
-    """The exact Arrow types MEDS 0.4 checks (meds.DataSchema / CodeMetadataSchema); polars alone writes
-    large_string. Built lazily: parsing workers import this module but never need pyarrow."""
-    import pyarrow as pa
-
-    return {
-        "events": pa.schema(
-            [
-                ("subject_id", pa.int64()),
-                ("time", pa.timestamp("us")),
-                ("code", pa.string()),
-                ("numeric_value", pa.float32()),
-                ("text_value", pa.large_string()),
-                ("unit", pa.string()),
-                ("encounter_id", pa.string()),
-                ("source_type", pa.string()),
-                ("source_id", pa.string()),
-            ]
-        ),
-        "subjects": pa.schema(
-            [
-                ("subject_id", pa.int64()),
-                ("source_subject_id", pa.string()),
-                ("birth_time", pa.timestamp("us")),
-                ("sex", pa.string()),
-                ("death_time", pa.timestamp("us")),
-            ]
-        ),
-        "codes": pa.schema(
-            [
-                ("code", pa.string()),
-                ("description", pa.string()),
-                ("parent_codes", pa.list_(pa.string())),
-                ("vocabulary", pa.string()),
-            ]
-        ),
-    }
-
-
-def write_table(df: pl.DataFrame, path: Path, schema_name: str) -> None:
-    """Parquet with fixed types and settings, so equal frames give byte-identical files."""
-    import pyarrow.parquet as pq
-
-    schema = arrow_schemas()[schema_name]
-    pq.write_table(df.to_arrow().cast(schema), path, row_group_size=ROW_GROUP_SIZE, **PARQUET_OPTIONS)
 
 
 def events_frame(cols: EventColumns) -> pl.DataFrame:
@@ -253,12 +205,6 @@ def subjects_table(patients: list[PatientRow]) -> tuple[pl.DataFrame, int]:
     return df, dropped
 
 
-def _vocabulary(code: str) -> str:
-    if "|" in code:
-        return code.split("|", 1)[0]  # token form keeps the system URL; "UNKNOWN" when there was none
-    return code.split("/", 1)[0]
-
-
 def _coined_description(code: str, described: dict[str, str]) -> str | None:
     if code in extract.SYNTHETIC_DESCRIPTIONS:
         return extract.SYNTHETIC_DESCRIPTIONS[code]
@@ -367,20 +313,9 @@ def write_quarantine(
 
 
 def write_metadata(out: Path, name: str, subjects: pl.DataFrame, codes: pl.DataFrame, report: dict) -> None:
-    import meds
-
     (out / "metadata").mkdir(parents=True, exist_ok=True)
     write_table(subjects, out / SUBJECTS_FILE, "subjects")
     write_table(codes, out / CODES_FILE, "codes")
-    dataset = {
-        "dataset_name": name,
-        "dataset_version": report.get("input_fingerprint"),
-        "etl_name": "kit ingest fhir",
-        "etl_version": __version__,
-        "meds_version": meds.__version__,
-        "created_at": dt.datetime.now(dt.timezone.utc).replace(tzinfo=None).isoformat(),
-        "raw_source_id_columns": ["source_type", "source_id", "encounter_id"],
-        "code_modifier_columns": ["unit"],
-    }
+    dataset = dataset_metadata(name, "kit ingest fhir", report.get("input_fingerprint"))
     (out / DATASET_FILE).write_text(json.dumps(dataset, indent=2) + "\n")
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
