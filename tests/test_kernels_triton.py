@@ -44,8 +44,13 @@ def triton_interpreter():
         yield
 
 
-def check_against_reference(case: ScanCase, dtype: torch.dtype, chunk: int | None, device: str = DEVICE) -> None:
-    check_scan(selective_scan_triton, case, dtype, TOLERANCES[dtype], device=device, chunk_size=chunk)
+VARIANTS = ["v1", "v2"]  # the kernel designs in kit/kernels (KIT_TRITON_SCAN_VARIANT picks one; v2 is the default)
+
+
+def check_against_reference(
+    case: ScanCase, dtype: torch.dtype, chunk: int | None, variant: str, device: str = DEVICE,
+) -> None:
+    check_scan(selective_scan_triton, case, dtype, TOLERANCES[dtype], device=device, chunk_size=chunk, variant=variant)
 
 
 # The same coverage on CPU and GPU: L=1, L not a multiple of the chunk, N in {1, 4, 16}, grouped B/C (with a
@@ -74,24 +79,30 @@ else:
     LOW_PRECISION = ScanCase(2, 8, 37, 4)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case,chunk", CASES, ids=[f"{c}-T{t}" for c, t in CASES])
-def test_triton_matches_reference_fp32(case, chunk):
-    check_against_reference(case, torch.float32, chunk)
+def test_triton_matches_reference_fp32(case, chunk, variant):
+    check_against_reference(case, torch.float32, chunk, variant)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_triton_matches_reference_low_precision(dtype):
-    check_against_reference(LOW_PRECISION, dtype, None if CUDA else 16)
+def test_triton_matches_reference_low_precision(dtype, variant):
+    check_against_reference(LOW_PRECISION, dtype, None if CUDA else 16, variant)
 
 
-def test_triton_takes_non_contiguous_inputs():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_takes_non_contiguous_inputs(variant):
     # A Mamba block hands the scan transposed views (u, z from in_proj; B, C from x_proj).
     case = CASES[4][0]
     check_scan(selective_scan_triton, case, torch.float32, TOLERANCES[torch.float32], device=DEVICE,
-               transposed=True, chunk_size=CASES[4][1])
+               transposed=True, chunk_size=CASES[4][1], variant=variant)
 
 
-def test_triton_two_halves_with_carried_state_equal_one_scan():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_two_halves_with_carried_state_equal_one_scan(variant, monkeypatch):
+    # impl="triton" through the dispatcher, with the variant chosen by its environment variable.
+    monkeypatch.setenv("KIT_TRITON_SCAN_VARIANT", variant)
     case = ScanCase(1, 8, 40, 4)
     x = {k: (v.detach() if v is not None else None) for k, v in make_scan_inputs(case, device=DEVICE).items()}
     kw = dict(D=x["D"], delta_bias=x["delta_bias"], delta_softplus=True, return_last_state=True, impl="triton")
@@ -106,19 +117,27 @@ def test_triton_two_halves_with_carried_state_equal_one_scan():
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter-only check")
-def test_triton_native_scan_flip_and_sum_in_interpreter():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_native_scan_flip_and_sum_in_interpreter(variant):
     # The interpreter normally swaps tl.associative_scan/tl.flip/tl.sum for numpy stand-ins (speed, and those
     # helpers only interpret when TRITON_INTERPRET is set before triton is imported). A fresh process with the
     # variable set from the start runs Triton's own versions once, at a very small shape.
     code = (
-        "import torch\n"
-        "from kit.kernels.scan_triton import selective_scan_triton\n"
+        "import os, torch\n"
+        "from kit.kernels.scan_triton import selective_scan_triton, _reverse_mode\n"
         "from kit.kernels.testing import ScanCase, check_against_reference\n"
-        "check_against_reference(selective_scan_triton, ScanCase(1, 4, 6, 2, groups=2), torch.float32,\n"
-        f"                        {TOLERANCES[torch.float32]!r}, chunk_size=4)\n"
+        "v2 = os.environ['KIT_TRITON_SCAN_VARIANT'] == 'v2'\n"
+        "modes = [str(_reverse_mode(torch.device('cpu'))), '0'] if v2 else ['']\n"
+        "assert modes[0] in ('1', '2', ''), modes\n"
+        "for mode in modes:  # v2: the probed reverse-scan order, and the flip fallback\n"
+        "    os.environ['KIT_TRITON_REV_MODE'] = mode\n"
+        "    for case in (ScanCase(1, 4, 6, 2, groups=2), ScanCase(1, 2, 11, 2)):\n"
+        "        check_against_reference(selective_scan_triton, case, torch.float32,\n"
+        f"                                {TOLERANCES[torch.float32]!r}, chunk_size=4)\n"
         "print('native ok')\n"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "KIT_TRITON_NATIVE_SCAN": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "KIT_TRITON_NATIVE_SCAN": "1", "OMP_NUM_THREADS": "1",
+           "KIT_TRITON_SCAN_VARIANT": variant}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "native ok" in out.stdout
@@ -130,17 +149,27 @@ def test_triton_kernels_compile_for_h100_without_a_gpu():
     # The interpreter runs kernels as Python, so it cannot see compile-time errors (a non-constexpr global once
     # got through it). Compile both kernels for sm_90 with triton's bundled ptxas, in a process without
     # TRITON_INTERPRET, for grouped and ungrouped B/C.
+    # v2 at its default chunk and block shape, with the probed reverse-scan order (1 or 2) and the flip fallback (0).
     code = (
-        "from kit.kernels.scan_triton import compile_ahead\n"
-        "for grouped in (False, True):\n"
-        "    kernels = compile_ahead(90, 'bf16', grouped=grouped)\n"
-        "    assert all('.target sm_90' in k.asm['ptx'] for k in kernels.values())\n"
-        "print('compiled', sorted(kernels))\n"
+        "from kit.kernels.scan_triton import compile_ahead, resource_usage\n"
+        "for variant, rev in (('v1', 1), ('v2', 1), ('v2', 2), ('v2', 0)):\n"
+        "    for grouped in (False, True):\n"
+        "        if rev != 1 and grouped:\n"
+        "            continue\n"
+        "        only = None if rev == 1 else 'bwd'  # the reverse-scan order only matters to the backward\n"
+        "        kernels = compile_ahead(90, 'bf16', grouped=grouped, variant=variant, rev=rev, only=only)\n"
+        "        assert all('.target sm_90' in k.asm['ptx'] for k in kernels.values())\n"
+        "        for name, k in kernels.items():\n"
+        "            print(variant, 'rev', rev, 'grouped' if grouped else 'ungrouped', name, resource_usage(k))\n"
+        "        if rev == 1:\n"
+        "            names = sorted(k for k in kernels if k != 'rev_probe_kernel')\n"
+        "print('compiled', names)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(OMP_NUM_THREADS="1", TRITON_DEFAULT_FP_FUSION="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    print(out.stdout)
     assert "compiled ['scan_bwd_kernel', 'scan_fwd_kernel']" in out.stdout
 
 
@@ -150,6 +179,18 @@ def test_auto_picks_triton_on_cuda(monkeypatch):
 
     monkeypatch.delenv("KIT_SCAN_IMPL", raising=False)
     assert resolve_impl("auto", torch.device("cuda")) == "triton"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_v2_flip_fallback_matches_reference_on_gpu(monkeypatch):
+    # v2's backward uses the reverse-scan operand order probed on the device (1 or 2; 0 = neither matched, flip
+    # instead). The fast path is covered above; this pins the fallback too, so it is known good if a Triton
+    # release breaks reverse scans.
+    from kit.kernels.scan_triton import _reverse_mode
+
+    print("probed reverse scan mode", _reverse_mode(torch.device("cuda")))
+    monkeypatch.setenv("KIT_TRITON_REV_MODE", "0")
+    check_against_reference(ScanCase(2, 1536, 1000, 16), torch.float32, None, "v2")
 
 
 def test_interpreter_mode_is_scoped_to_this_module():

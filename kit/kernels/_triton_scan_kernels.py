@@ -308,11 +308,11 @@ def scan_bwd_kernel(
         dBv = gs * dtu[:, None, :]
         dCv = hs * dy[:, None, :]
         if GROUPED:
-            tl.atomic_add(dB_ptr + bc + t[None, None, :], dBv, mask=m3)
-            tl.atomic_add(dC_ptr + bc + t[None, None, :], dCv, mask=m3)
+            tl.atomic_add(dB_ptr + bc + t[None, None, :], dBv, mask=m3, sem="relaxed")
+            tl.atomic_add(dC_ptr + bc + t[None, None, :], dCv, mask=m3, sem="relaxed")
         else:
-            tl.atomic_add(dB_ptr + bc + t[None, :], tl_sum(dBv, 0), mask=m3)
-            tl.atomic_add(dC_ptr + bc + t[None, :], tl_sum(dCv, 0), mask=m3)
+            tl.atomic_add(dB_ptr + bc + t[None, :], tl_sum(dBv, 0), mask=m3, sem="relaxed")
+            tl.atomic_add(dC_ptr + bc + t[None, :], tl_sum(dCv, 0), mask=m3, sem="relaxed")
         g = tl_sum(tl.where(offs_t[None, None, :] == 0, a * gs, 0.0), 2)
     tl.store(dA_ptr + st, dA_acc, mask=mask_dn)
     tl.store(dh0_ptr + st, g, mask=mask_dn)

@@ -17,23 +17,37 @@ import torch
 from kit.errors import KitError
 from kit.kernels._inputs import check_scan_shapes
 
-DEFAULT_CHUNK = 64
-_LOADED: dict[tuple[bool, bool], ModuleType] = {}
+DEFAULT_CHUNK = 64  # v1: steps per (BLOCK_D, N, T) tile
+V2_DEFAULT_CHUNK = 256  # v2: steps per (BLOCK_D, T) tile
+VARIANTS = {"v1": "_triton_scan_kernels.py", "v2": "_triton_scan_kernels_v2.py"}
+VARIANT_ENV = "KIT_TRITON_SCAN_VARIANT"  # v1 | v2 (default v2)
+CHUNK_ENV = "KIT_TRITON_SCAN_T"  # steps per tile when the caller gives no chunk_size
+_LOADED: dict[tuple[str, bool, bool], ModuleType] = {}
+_REV_MODE: dict[str, int] = {}
 
 
 def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def _kernels() -> ModuleType:
-    mode = (interpret_mode(), os.environ.get("KIT_TRITON_NATIVE_SCAN", "0") == "1")
+def scan_variant(variant: str | None = None) -> str:
+    """The kernel design to run: ``variant``, else $KIT_TRITON_SCAN_VARIANT, else v2."""
+    name = (variant or os.environ.get(VARIANT_ENV, "") or "v2").strip().lower()
+    if name not in VARIANTS:
+        raise KitError(f"{VARIANT_ENV}={name!r} is not a Triton scan variant; choose one of: {', '.join(VARIANTS)}")
+    return name
+
+
+def _kernels(variant: str = "v1") -> ModuleType:
+    mode = (variant, interpret_mode(), os.environ.get("KIT_TRITON_NATIVE_SCAN", "0") == "1")
     if mode not in _LOADED:
         try:
             import triton  # noqa: F401
         except ImportError as err:
             raise KitError("impl='triton' needs the triton package: pip install 'vertical-kit[gpu]'") from err
-        path = os.path.join(os.path.dirname(__file__), "_triton_scan_kernels.py")
-        name = "kit.kernels._triton_scan_kernels_" + ("interpret" if mode[0] else "compiled") + ("_native" if mode[1] else "")
+        path = os.path.join(os.path.dirname(__file__), VARIANTS[variant])
+        name = (f"kit.kernels._triton_scan_kernels_{variant}_" + ("interpret" if mode[1] else "compiled")
+                + ("_native" if mode[2] else ""))
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # triton resolves kernel globals through the module
@@ -42,8 +56,49 @@ def _kernels() -> ModuleType:
     return _LOADED[mode]
 
 
+def _reverse_mode(device: torch.device) -> int:
+    """How this Triton orders a reverse scan's combine operands (v2's REV): probed once per device type.
+
+    1 = combine(later, earlier), 2 = combine(earlier, later), 0 = neither matched (v2 then flips instead).
+    $KIT_TRITON_REV_MODE forces one.
+    """
+    forced = os.environ.get("KIT_TRITON_REV_MODE", "").strip()
+    if forced:
+        return int(forced)
+    key = f"{device.type}-{interpret_mode()}"
+    if key not in _REV_MODE:
+        k = _kernels("v2")
+        gen = torch.Generator().manual_seed(0)
+        # bf16 inputs give the kernels' layout (8 steps per thread); (1, 1024) also scans across warps.
+        tiles = []
+        for rows, steps in ((4, 256), (1, 1024)):
+            a = (torch.rand(rows, steps, generator=gen) * 0.5 + 0.5).to(torch.bfloat16)
+            c = torch.randn(rows, steps, generator=gen).to(torch.bfloat16)
+            want = c.double().clone()
+            for t in range(steps - 2, -1, -1):
+                want[:, t] += a[:, t + 1].double() * want[:, t + 1]
+            tiles.append((a.to(device), c.to(device), want.float().to(device)))
+        _REV_MODE[key] = 0
+        for mode in (1, 2):
+            ok = True
+            for a, c, want in tiles:
+                g = torch.full(a.shape, float("nan"), device=device)
+                k.rev_probe_kernel[(1,)](a, c, g, R=a.shape[0], T=a.shape[1], REV=mode, num_warps=4)
+                ok = ok and torch.allclose(g, want, rtol=1e-3, atol=1e-3)
+            if ok:
+                _REV_MODE[key] = mode
+                break
+    return _REV_MODE[key]
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def _carry_width(chunk: int, dstate: int) -> int:
+    """v2 keeps per-state carries in a (BLOCK_D, NP) tile; NP = T (state n in column n) lets it share the (BLOCK_D, T)
+    tiles' register layout, so reading and writing a carry is a warp reduction, not a shared-memory round trip."""
+    return max(chunk, 2, _next_pow2(dstate))
 
 
 def _dummy(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -52,8 +107,9 @@ def _dummy(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 class TritonScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, chunk: int, need_states: bool):
-        k = _kernels()
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, chunk: int, need_states: bool,
+                variant: str):
+        k = _kernels(variant)
         # The kernels index (B, D, L) and (B, G, N, L) tensors as row-major; callers often pass transposed views.
         u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
         D, z, delta_bias, h0 = (None if t is None else t.contiguous() for t in (D, z, delta_bias, h0))
@@ -64,25 +120,26 @@ class TritonScan(torch.autograd.Function):
         last = torch.empty(batch, dim, dstate, device=u.device, dtype=torch.float32)
         states = torch.empty(batch, dim, nchunks, dstate, device=u.device, dtype=torch.float32) if need_states else last
         grid = lambda meta: (triton_cdiv(dim, meta["BLOCK_D"]), batch)  # noqa: E731
-        k.scan_fwd_kernel[grid](
-            u, delta, A, B, C, _dummy(D, u), _dummy(z, u), _dummy(delta_bias, u), _dummy(h0, last),
-            y, states, last,
-            dim, length, dstate, dim // groups, nchunks,
-            B.stride(0), B.stride(1), B.stride(2),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-            HAS_H0=h0 is not None, STORE_STATES=need_states, GROUPED=groups > 1,
-            T=chunk, NP=max(2, _next_pow2(dstate)),
-        )
+        flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+                     HAS_H0=h0 is not None, STORE_STATES=need_states, GROUPED=groups > 1,
+                     T=chunk, NP=max(2, _next_pow2(dstate)))
+        args = (u, delta, A, B, C, _dummy(D, u), _dummy(z, u), _dummy(delta_bias, u), _dummy(h0, last), y, states, last)
+        strides = (B.stride(0), B.stride(1), B.stride(2))
+        if variant == "v1":
+            k.scan_fwd_kernel[grid](*args, dim, length, dstate, dim // groups, nchunks, *strides, **flags)
+        else:
+            flags["NP"] = _carry_width(chunk, dstate)
+            k.scan_fwd_kernel[grid](*args, dim, length, dim // groups, nchunks, *strides, NSTATE=dstate, **flags)
         if need_states:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
-            ctx.meta = (softplus, chunk, h0 is not None)
+            ctx.meta = (softplus, chunk, h0 is not None, variant)
         return y, last
 
     @staticmethod
     def backward(ctx, dy, dlast):
         u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
-        softplus, chunk, has_h0 = ctx.meta
-        k = _kernels()
+        softplus, chunk, has_h0, variant = ctx.meta
+        k = _kernels(variant)
         batch, dim, length = u.shape
         groups, dstate = B.shape[1], B.shape[2]
         nchunks = states.shape[2]
@@ -96,21 +153,25 @@ class TritonScan(torch.autograd.Function):
         dbias = torch.empty(batch, dim, **f32) if delta_bias is not None else None
         dh0 = torch.empty(batch, dim, dstate, **f32)
         grid = lambda meta: (triton_cdiv(dim, meta["BLOCK_D"]), batch)  # noqa: E731
-        k.scan_bwd_kernel[grid](
+        args = (
             u, delta, A, B, C, _dummy(D, u), _dummy(z, u), _dummy(delta_bias, u), states,
             dy.contiguous(), _dummy(dlast, dh0),
             du, ddelta, _dummy(dz, du), dA, dB, dC, _dummy(dD, dA), _dummy(dbias, dA), dh0,
-            dim, length, dstate, dim // groups, nchunks,
-            B.stride(0), B.stride(1), B.stride(2),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-            HAS_DLAST=dlast is not None, GROUPED=groups > 1,
-            T=chunk, NP=max(2, _next_pow2(dstate)),
         )
+        strides = (B.stride(0), B.stride(1), B.stride(2))
+        flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+                     HAS_DLAST=dlast is not None, GROUPED=groups > 1, T=chunk, NP=max(2, _next_pow2(dstate)))
+        if variant == "v1":
+            k.scan_bwd_kernel[grid](*args, dim, length, dstate, dim // groups, nchunks, *strides, **flags)
+        else:
+            flags["NP"] = _carry_width(chunk, dstate)
+            k.scan_bwd_kernel[grid](*args, dim, length, dim // groups, nchunks, *strides, NSTATE=dstate,
+                                    REV=_reverse_mode(u.device), **flags)
         return (
             du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             None if D is None else dD.sum(0).to(D.dtype), dz,
             None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype),
-            dh0 if has_h0 else None, None, None, None,
+            dh0 if has_h0 else None, None, None, None, None,
         )
 
 
@@ -131,13 +192,18 @@ def selective_scan_triton(
     initial_state: torch.Tensor | None = None,
     return_last_state: bool = False,
     chunk_size: int | None = None,
+    variant: str | None = None,
 ):
-    """Same contract as ``selective_scan``; ``chunk_size`` (a power of two) sets the steps per tile."""
+    """Same contract as ``selective_scan``; ``chunk_size`` (a power of two) sets the steps per tile (default:
+    $KIT_TRITON_SCAN_T, else 64 for v1 and 256 for v2); ``variant`` picks the kernel design (default:
+    $KIT_TRITON_SCAN_VARIANT, else v2)."""
     check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if not u.is_cuda and not interpret_mode():
         raise KitError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); use impl='chunked' on CPU")
     length = u.shape[-1]
-    chunk = chunk_size or min(DEFAULT_CHUNK, max(2, _next_pow2(length)))
+    variant = scan_variant(variant)
+    default = int(os.environ.get(CHUNK_ENV, "0") or 0) or (DEFAULT_CHUNK if variant == "v1" else V2_DEFAULT_CHUNK)
+    chunk = chunk_size or min(default, max(2, _next_pow2(length)))
     if chunk & (chunk - 1):
         raise ValueError(f"chunk_size must be a power of two, got {chunk}")
     B4 = B if B.dim() == 4 else B.unsqueeze(1)
@@ -146,15 +212,20 @@ def selective_scan_triton(
     # Chunk-start states are only written when a backward can follow (ctx.needs_input_grad ignores no_grad).
     tensors = (u, delta, A, B4, C4, D, z, delta_bias, h0)
     need_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    y, last = TritonScan.apply(*tensors, delta_softplus, chunk, need_states)
+    y, last = TritonScan.apply(*tensors, delta_softplus, chunk, need_states, variant)
     return (y, last) if return_last_state else y
 
 
-def compile_ahead(arch: int = 90, act_dtype: str = "bf16", grouped: bool = False, chunk: int = DEFAULT_CHUNK) -> dict:
-    """Compile both kernels for an NVIDIA target without a GPU (triton ships ptxas), at each one's default block
-    shape with every option on. Returns {kernel name: compiled kernel}; raises on any compile error.
+def compile_ahead(
+    arch: int = 90, act_dtype: str = "bf16", grouped: bool = False, chunk: int | None = None, variant: str = "v1",
+    shapes: list[tuple[int, int]] | None = None, rev: int = 1, only: str | None = None,
+) -> dict:
+    """Compile both kernels of ``variant`` for an NVIDIA target without a GPU (triton ships ptxas), with every option
+    on. Returns {kernel name: compiled kernel} at the default block shape, or {"name BLOCK_Dxwarps": ...} for each
+    of ``shapes`` ((BLOCK_D, num_warps) pairs); raises on any compile error.
 
     Catches what the interpreter cannot (it runs kernels as Python): compile-time type and constexpr errors.
+    ``rev`` is v2's reverse-scan operand order (see _reverse_mode); ``only`` = "fwd" or "bwd" compiles one kernel.
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -162,25 +233,89 @@ def compile_ahead(arch: int = 90, act_dtype: str = "bf16", grouped: bool = False
 
     if interpret_mode():
         raise KitError("compile_ahead needs TRITON_INTERPRET unset")
-    k = _kernels()
+    k = _kernels(variant)
+    chunk = chunk or (DEFAULT_CHUNK if variant == "v1" else V2_DEFAULT_CHUNK)
     act = {"u_ptr", "dt_ptr", "z_ptr", "y_ptr", "B_ptr", "C_ptr", "dy_ptr", "du_ptr", "ddt_ptr", "dz_ptr"}
     flags = {"HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": True, "GROUPED": grouped, "T": chunk, "NP": 16}
+    if variant == "v2":
+        flags["NSTATE"] = 16
+        flags["NP"] = _carry_width(chunk, 16)
+        if shapes is None:  # what KIT_TRITON_AUTOTUNE=0 runs
+            quick = os.environ.get("KIT_TRITON_AUTOTUNE")
+            os.environ["KIT_TRITON_AUTOTUNE"] = "0"
+            try:
+                default = {which: [(c.kwargs["BLOCK_D"], c.num_warps) for c in k._prune(k._configs(), {}, ept, T=chunk)]
+                           for which, ept in (("fwd", k.FWD_EPT), ("bwd", k.BWD_EPT))}
+            finally:
+                if quick is None:
+                    os.environ.pop("KIT_TRITON_AUTOTUNE")
+                else:
+                    os.environ["KIT_TRITON_AUTOTUNE"] = quick
+        else:
+            default = {"fwd": shapes, "bwd": shapes}
+    else:
+        default = {"fwd": shapes or [k.FWD_SHAPES[1]], "bwd": shapes or [k.BWD_SHAPES[1]]}
     out = {}
-    for name, extra, shapes in (
-        ("scan_fwd_kernel", {"HAS_H0": True, "STORE_STATES": True}, k.FWD_SHAPES),
-        ("scan_bwd_kernel", {"HAS_DLAST": True}, k.BWD_SHAPES),
+    for name, extra, which in (
+        ("scan_fwd_kernel", {"HAS_H0": True, "STORE_STATES": True}, "fwd"),
+        ("scan_bwd_kernel", {"HAS_DLAST": True, **({"REV": rev} if variant == "v2" else {})}, "bwd"),
     ):
+        if only and only != which:
+            continue
         fn = getattr(k, name).fn  # the JITFunction under the autotuner
-        block_d, warps = shapes[1]
-        constexprs = {**flags, **extra, "BLOCK_D": block_d}
-        signature = {}
-        for arg in fn.arg_names:
-            if arg in constexprs:
-                signature[arg] = "constexpr"
-            elif arg.endswith("_ptr"):
-                signature[arg] = "*" + (act_dtype if arg in act else "fp32")
-            else:
-                signature[arg] = "i32"
-        src = ASTSource(fn, signature, constexprs)
-        out[name] = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 1})
+        for block_d, warps in default[which]:
+            constexprs = {**flags, **extra, "BLOCK_D": block_d}
+            signature = {}
+            for arg in fn.arg_names:
+                if arg in constexprs:
+                    signature[arg] = "constexpr"
+                elif arg.endswith("_ptr"):
+                    signature[arg] = "*" + (act_dtype if arg in act else "fp32")
+                else:
+                    signature[arg] = "i32"
+            # As the launcher specializes at the benchmark shape: every pointer and every size but nchunks
+            # divisible by 16 (this decides vector widths and layouts).
+            attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
+                     if signature[arg] != "constexpr" and arg != "nchunks"}
+            src = ASTSource(fn, signature, constexprs, attrs)
+            key = name if shapes is None else f"{name} {block_d}x{warps}"
+            options = {"num_warps": warps, "num_stages": 1}
+            out[key] = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    if variant == "v2" and shapes is None:  # the reverse-scan probe _reverse_mode runs on the device
+        fn = k.rev_probe_kernel
+        src = ASTSource(fn, {"a_ptr": "*bf16", "c_ptr": "*bf16", "g_ptr": "*fp32", "R": "constexpr", "T": "constexpr",
+                             "REV": "constexpr"}, {"R": 4, "T": 256, "REV": rev})
+        out["rev_probe_kernel"] = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
     return out
+
+
+def resource_usage(compiled, arch: int = 90) -> dict:
+    """Registers per thread and spill bytes of a compile_ahead kernel, from ptxas -v on its PTX (no GPU needed)."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        tool = get_ptxas(arch)
+    except TypeError:  # older triton: no arch argument
+        tool = get_ptxas()
+    ptxas = getattr(tool, "path", tool)
+    target = re.search(r"\.target\s+(sm_\w+)", compiled.asm["ptx"])
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        res = subprocess.run([ptxas, "-v", f"--gpu-name={target.group(1) if target else f'sm_{arch}'}", ptx,
+                              "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True)
+    text = res.stderr + res.stdout
+    regs = re.search(r"Used (\d+) registers", text)
+    spill_st = re.search(r"(\d+) bytes spill stores", text)
+    spill_ld = re.search(r"(\d+) bytes spill loads", text)
+    stack = re.search(r"(\d+) bytes stack frame", text)
+    return {"registers": int(regs.group(1)) if regs else None,
+            "spill_stores": int(spill_st.group(1)) if spill_st else None,
+            "spill_loads": int(spill_ld.group(1)) if spill_ld else None,
+            "stack_frame": int(stack.group(1)) if stack else None,
+            "shared": compiled.metadata.shared}
