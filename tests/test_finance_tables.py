@@ -17,6 +17,8 @@ import meds
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from connectors.finance.ingest import run_ingest
 from kit.errors import KitError
@@ -242,3 +244,32 @@ def test_parquet_table_detected_by_schema(tmp_path):
     assert s.by_format["amlsim-transfers"]["records"] == len(_rows(src))
     ev = scan_events(tmp_path / "store").filter(pl.col("code") == "TXN/CREDIT").collect()
     assert sum(Decimal(a) for a in ev["amount"]) == sum(Decimal(r["value"]) for r in _rows(src))
+
+
+def test_table_on_error_fail_names_file_row_and_reason(tmp_path):
+    table = tmp_path / "transactions.csv"
+    table.write_text("sourceNodeId,targetNodeId,value,time\n1,2,10.00,1\n3,4,1O.5,2\n")
+    with pytest.raises(KitError, match=r"rejected record: .*transactions\.csv, row 2: unparseable amount in value"):
+        run_ingest([table], tmp_path / "out", fail_fast=True)
+    assert not (tmp_path / "out").exists()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 6).flatmap(lambda places: st.decimals(
+           allow_nan=False, allow_infinity=False, places=places, min_value=-10**12, max_value=10**12)),
+       st.sampled_from(["", "+"]))
+def test_table_amounts_are_exact_decimals(value, plus):
+    """Any plain decimal a table holds comes back digit for digit (the float32 numeric_value may not)."""
+    from connectors.finance import tables
+    from connectors.finance.records import Sink
+
+    text = format(value, "f")
+    if plus and not text.startswith("-"):
+        text = "+" + text
+    df = pl.DataFrame({"sourceNodeId": ["1"], "targetNodeId": ["2"], "value": [text], "time": ["1"]})
+    layout = tables.shipped_layouts()["amlsim-transfers"]
+    events, counts = tables.map_table(df, layout, "t.csv", 0, Sink())
+    credit = events.filter(pl.col("code") == "TXN/CREDIT")["amount"].item()
+    debit = events.filter(pl.col("code") == "TXN/DEBIT")["amount"].item()
+    assert Decimal(credit) == value and Decimal(debit) == -value
+    assert credit.lstrip("-") == text.lstrip("+-")
