@@ -241,7 +241,8 @@ def gpu_section(repeats: int, v2_chunks: list[int]) -> dict[str, Any]:
     errors = {k: max_scaled_error(v, outs["reference"]) for k, v in outs.items() if k != "reference"}
     grads = gradient_check([r["impl"] for r in rows if r["impl"] in tritons and "error" not in r])
     result = {"shape": GPU_SHAPE, "dtype": "bf16", "with": "z, D, delta_bias, softplus", "rows": rows,
-              "max_scaled_error_vs_reference": errors, "gradient_check": grads, "bars": []}
+              "max_scaled_error_vs_reference": errors, "gradient_check": grads, "bars": [],
+              "v2_reverse_scan_mode": reverse_scan_mode()}
     # The fastest forward+backward among the Triton rows that also passed the correctness checks.
     ok = [r for r in rows if r["impl"] in tritons and "error" not in r and gradients_ok(grads.get(r["impl"], {}))]
     tri = min(ok, key=lambda r: r["fwd_bwd"]["ms"], default=None)
@@ -260,6 +261,18 @@ def gpu_section(repeats: int, v2_chunks: list[int]) -> dict[str, Any]:
                 result["bars"].append({"bar": f"triton / mamba_ssm time, {key} (goal <= 1.0)", "value": f"{ratio:.2f}",
                                        "pass": ratio <= 1.0})
     return result
+
+
+def reverse_scan_mode() -> Any:
+    """v2's probed reverse-scan operand order (1 or 2; 0 = flip fallback, slower), or the error that stopped it."""
+    try:
+        import torch
+
+        from kit.kernels.scan_triton import _reverse_mode
+
+        return _reverse_mode(torch.device("cuda"))
+    except Exception as err:  # noqa: BLE001 - recorded, the benchmark goes on
+        return f"{type(err).__name__}: {err}"[:300]
 
 
 def tuned_configs(impl: str) -> dict[str, str]:
@@ -381,7 +394,8 @@ def show(report: dict[str, Any]) -> None:
                 worst = f"{max(errs.values()):.1e}" if "error" not in errs else errs["error"]
                 console.print(f"{impl} vs reference, {dtype}, outputs and all input gradients: "
                               f"worst scaled error {worst}")
-        console.print(f"best Triton variant: {gpu.get('best', 'none passed the checks')}")
+        console.print(f"best Triton variant: {gpu.get('best', 'none passed the checks')}; "
+                      f"v2 reverse-scan mode {gpu.get('v2_reverse_scan_mode')} (1/2 = native reverse scan, 0 = flips)")
         bars += gpu["bars"]
     summary = Table(title="Bars")
     for col in ("bar", "value", "result"):
