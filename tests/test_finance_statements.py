@@ -245,3 +245,10 @@ def test_on_error_fail_stops_and_writes_nothing(tmp_path):
         run_ingest([OFX / "fail_nice"], out, fail_fast=True)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_same_input_gives_byte_identical_store(camt_store, tmp_path):
+    run_ingest([CAMT], tmp_path / "again")
+    for f in ("data/shard-00000.parquet", "metadata/subjects.parquet", "metadata/codes.parquet", "quarantine.ndjson",
+              "metadata/ingest_report.json"):
+        assert (camt_store / f).read_bytes() == (tmp_path / "again" / f).read_bytes(), f
