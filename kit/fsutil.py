@@ -55,3 +55,32 @@ def atomic_file(target: Path | str, mode: str = "wb") -> Iterator:
 def write_text_atomic(target: Path | str, text: str) -> None:
     with atomic_file(target, "w") as fh:
         fh.write(text)
+
+
+# An ingest writes its pid here inside its temporary directory, so a later run can tell a killed run's leftovers
+# from a run still in progress.
+OWNER_FILE = ".kit-ingest-pid"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete half-built siblings (.DIR.tmp-*) left by an ingest that was killed, so a rerun starts clean."""
+    if not out.parent.is_dir():
+        return
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        owner = tmp / OWNER_FILE
+        try:
+            pid = int(owner.read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or still being created: leave it
+        if not pid_alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -276,3 +276,17 @@ def test_table_amounts_are_exact_decimals(value, plus):
     debit = events.filter(pl.col("code") == "TXN/DEBIT")["amount"].item()
     assert Decimal(credit) == value and Decimal(debit) == -value
     assert credit.lstrip("-") == text.lstrip("+-")
+
+
+def test_a_killed_ingests_temporary_is_removed_by_the_next_run(tmp_path):
+    """A run killed while writing leaves only `.DIR.tmp-*` (its pid inside); the next run deletes it."""
+    from kit.fsutil import OWNER_FILE
+
+    stale = tmp_path / ".store.tmp-killed"
+    (stale / "data").mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (stale / OWNER_FILE).write_text(dead.stdout.strip())
+    run_ingest([EXAMPLES / "camt"], tmp_path / "store")
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+    assert not (tmp_path / "store" / OWNER_FILE).exists()

@@ -13,6 +13,10 @@ from pathlib import Path
 
 import typer
 
+# The killed-run cleanup is shared with the other connectors.
+from kit.fsutil import OWNER_FILE
+from kit.fsutil import remove_stale_temporaries as _remove_stale_temporaries
+
 
 class ValidateMode(str, Enum):
     fast = "fast"
@@ -207,33 +211,6 @@ def run_ingest(
         other_versions=dict(sorted(versions.items())),
         report=report,
     )
-
-
-OWNER_FILE = ".kit-ingest-pid"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    """Delete half-built siblings (.DIR.tmp-*) left by an ingest that was killed, so a rerun starts clean."""
-    if not out.parent.is_dir():
-        return
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        owner = tmp / OWNER_FILE
-        try:
-            pid = int(owner.read_text())
-        except (OSError, ValueError):
-            continue  # not ours, or still being created: leave it
-        if not _pid_alive(pid):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _first_quarantine_reason(results, prefix: str) -> str | None:

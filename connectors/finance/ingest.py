@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import time as _time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -317,7 +318,7 @@ def run_ingest(
     import pyarrow as pa
 
     from kit.events import CODES_FILE, DATA_DIR, DATASET_FILE, QUARANTINE_FILE, SUBJECTS_FILE, is_event_store
-    from kit.fsutil import atomic_dir
+    from kit.fsutil import OWNER_FILE, atomic_dir, remove_stale_temporaries
     from kit.storewrite import dataset_metadata, write_events, write_json, write_table
 
     start = _time.perf_counter()
@@ -376,7 +377,9 @@ def run_ingest(
         "duplicate_transactions_dropped": len(dropped),
         "labels": {k: {"positive": v["positive"], "negative": v["negative"]} for k, v in sorted(labels.items())},
     }
+    remove_stale_temporaries(out)
     with atomic_dir(out) as tmp:
+        (tmp / OWNER_FILE).write_text(str(os.getpid()))
         (tmp / DATA_DIR).mkdir()
         (tmp / "metadata").mkdir()
         write_events(events, tmp / DATA_DIR / "shard-00000.parquet",
@@ -386,6 +389,7 @@ def run_ingest(
         write_quarantine(tmp / QUARANTINE_FILE, sink.records)
         write_json(tmp / DATASET_FILE, dataset_metadata(name or out.name, ETL_NAME, report["input_fingerprint"]))
         write_json(tmp / REPORT_FILE, report, sort_keys=True)
+        (tmp / OWNER_FILE).unlink()
     return FinanceSummary(
         out=out, files=len(found.files), by_format=report["by_format"], events=events.height,
         subjects=subjects.height, quarantined=len(sink.records), labels=report["labels"], skipped=found.skipped,
