@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from kit.eval.baseline import count_features, fit_baseline
-from kit.eval.metrics import bootstrap, evaluate_task, metric_fn
+from kit.eval.metrics import bootstrap, evaluate_task, metric_fn, paired_difference
 
 
 def test_auroc_matches_pairwise_definition():
@@ -56,3 +56,34 @@ def test_multiclass_and_multilabel_shapes():
     assert mc.predict_scores(x).shape == (60, 3)
     ml = fit_baseline("multilabel", x, rng.integers(0, 2, (60, 4)))
     assert ml.predict_scores(x).shape == (60, 4)
+
+
+def test_cluster_bootstrap_resamples_subjects_not_rows():
+    """60 subjects with 25 identical rows each carry the information of 60 rows: a row bootstrap pretends 1500 and is
+    far too narrow; the subject bootstrap gives exactly the interval of one row per subject."""
+    rng = np.random.default_rng(4)
+    y1 = np.r_[np.zeros(30, int), np.ones(30, int)]
+    p1 = rng.random(60) + 0.4 * y1
+    y, p, subjects = np.repeat(y1, 25), np.repeat(p1, 25), np.repeat(np.arange(60), 25)
+    auroc = metric_fn("binary", "auroc")
+    per_subject = bootstrap(auroc, y1, p1, n_boot=300, seed=5)
+    rows = bootstrap(auroc, y, p, n_boot=300, seed=5)
+    clustered = bootstrap(auroc, y, p, n_boot=300, seed=5, clusters=subjects)
+    assert clustered.value == pytest.approx(per_subject.value) == pytest.approx(rows.value)
+    assert (clustered.low, clustered.high) == pytest.approx((per_subject.low, per_subject.high))
+    assert (rows.high - rows.low) < 0.5 * (clustered.high - clustered.low)
+    shuffled = rng.permutation(len(y))  # row order does not matter, only which rows share a subject
+    again = bootstrap(auroc, y[shuffled], p[shuffled], n_boot=300, seed=5, clusters=subjects[shuffled])
+    assert (again.low, again.high) == pytest.approx((clustered.low, clustered.high))
+
+
+def test_paired_difference_cancels_what_two_models_share():
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 2, 400)
+    p = rng.random(400) + 0.3 * y
+    auroc = metric_fn("binary", "auroc")
+    same = paired_difference(auroc, y, p, p, n_boot=100, seed=1)
+    assert same.value == 0 and same.low == 0 and same.high == 0
+    better = p + 0.5 * y  # the same scores plus more signal: better on every resample
+    d = paired_difference(auroc, y, better, p, n_boot=200, seed=1, clusters=np.arange(400) // 4)
+    assert d.value > 0 and d.low > 0

@@ -3,6 +3,7 @@
 With a calibration (calibration.json), the reported probabilities are the calibrated ones, and each task also gets
 Brier score, ECE (15 equal-width bins and equal-mass), threshold metrics at the validation-chosen threshold,
 reliability bins before and after calibration, and the same metrics per subgroup (sex, age band) with sizes.
+Intervals are a subject-level (cluster) bootstrap: a subject's rows are resampled together.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from kit.eval.baseline import count_features, fit_baseline
+from kit.eval.baseline import count_features, fit_baseline, fit_named_baseline
 from kit.eval.calibration import (
     apply_task_calibration,
     brier_score,
@@ -99,17 +100,18 @@ def subgroups_for(manifest: dict, task_rows) -> dict[str, np.ndarray]:
     return {"sex": subject_sex(manifest, task_rows.subject_ids), "age_band": np.array([age_band(a) for a in ages], dtype=object)}
 
 
-def _calibration_metrics(kind: str, y, p, *, n_boot: int, seed: int) -> dict[str, dict]:
+def _calibration_metrics(kind: str, y, p, *, n_boot: int, seed: int, clusters=None) -> dict[str, dict]:
     fns = {
         "brier": brier_score,
         "ece": lambda a, b: expected_calibration_error(a, b, n_bins=15, strategy="uniform"),
         "ece_equal_mass": lambda a, b: expected_calibration_error(a, b, n_bins=15, strategy="quantile"),
     }
-    return {k: bootstrap(fn, y, p, n_boot=n_boot, seed=seed).as_dict() for k, fn in fns.items()}
+    return {k: bootstrap(fn, y, p, n_boot=n_boot, seed=seed, clusters=clusters).as_dict() for k, fn in fns.items()}
 
 
-def _threshold_block(y, p, threshold: float, *, n_boot: int, seed: int) -> dict[str, dict]:
-    return {k: bootstrap(lambda a, b, k=k: threshold_metrics(a, b, threshold)[k], y, p, n_boot=n_boot, seed=seed).as_dict()
+def _threshold_block(y, p, threshold: float, *, n_boot: int, seed: int, clusters=None) -> dict[str, dict]:
+    return {k: bootstrap(lambda a, b, k=k: threshold_metrics(a, b, threshold)[k], y, p, n_boot=n_boot, seed=seed,
+                         clusters=clusters).as_dict()
             for k in ("f1", "sensitivity", "specificity")}
 
 
@@ -120,20 +122,27 @@ def _reliability(kind: str, y, p) -> list[dict]:
 
 
 def score_task(kind: str, y: np.ndarray, logits: np.ndarray, cal_entry: dict | None, *, n_boot: int, seed: int,
-               groups: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """All metrics of one task from its logits and targets: the block `kit evaluate` and `kit finetune` both report."""
+               groups: dict[str, np.ndarray] | None = None, clusters: np.ndarray | None = None) -> dict[str, Any]:
+    """All metrics of one task from its logits and targets: the block `kit evaluate` and `kit finetune` both report.
+
+    `clusters` (each row's subject id) makes the intervals a subject-level bootstrap.
+    """
     entry: dict[str, Any] = {}
+    if clusters is not None:
+        clusters = np.asarray(clusters)
+        entry["subjects"] = int(len(np.unique(clusters)))
+    sub_c = (lambda idx: clusters[idx]) if clusters is not None else (lambda idx: None)
     raw = apply_task_calibration({"type": kind, "method": "none"}, logits)
     p = apply_task_calibration(cal_entry, logits) if cal_entry else raw
-    model = {k: v.as_dict() for k, v in evaluate_task(kind, y, p, n_boot=n_boot, seed=seed).items()}
+    model = {k: v.as_dict() for k, v in evaluate_task(kind, y, p, n_boot=n_boot, seed=seed, clusters=clusters).items()}
     if kind != "regression":
-        model.update(_calibration_metrics(kind, y, p, n_boot=n_boot, seed=seed))
+        model.update(_calibration_metrics(kind, y, p, n_boot=n_boot, seed=seed, clusters=clusters))
         entry["uncalibrated"] = {"brier": brier_score(y, raw), "ece": expected_calibration_error(y, raw),
                                  "ece_equal_mass": expected_calibration_error(y, raw, strategy="quantile")}
         entry["reliability"] = {"before": _reliability(kind, y, raw), "after": _reliability(kind, y, p)}
     if kind == "binary" and cal_entry and "threshold" in cal_entry:
         entry["threshold"] = {"value": cal_entry["threshold"], "rule": cal_entry.get("threshold_rule")}
-        model.update(_threshold_block(y, p, cal_entry["threshold"], n_boot=n_boot, seed=seed))
+        model.update(_threshold_block(y, p, cal_entry["threshold"], n_boot=n_boot, seed=seed, clusters=clusters))
     entry["model"] = model
     if groups:
         entry["subgroups"] = {}
@@ -144,7 +153,8 @@ def score_task(kind: str, y: np.ndarray, logits: np.ndarray, cal_entry: dict | N
                 if len(idx) < MIN_SUBGROUP:
                     continue
                 sub = {"n": len(idx), "prevalence": prevalence(kind, y[idx])}
-                sub.update({k: v.as_dict() for k, v in evaluate_task(kind, y[idx], p[idx], n_boot=n_boot, seed=seed).items()})
+                sub.update({k: v.as_dict() for k, v in evaluate_task(kind, y[idx], p[idx], n_boot=n_boot, seed=seed,
+                                                                       clusters=sub_c(idx)).items()})
                 if kind != "regression":
                     sub["brier"] = brier_score(y[idx], p[idx])
                     sub["ece"] = expected_calibration_error(y[idx], p[idx])
@@ -184,15 +194,25 @@ def evaluate_tasks(
         logits = task_logits(model, rows, t.name, device, batch_size=batch_size, bf16=bf16).numpy()
         cal_entry = (calibration or {}).get("tasks", {}).get(t.name)
         groups = subgroups_for(ds.manifest, task_rows) if subgroups else None
-        entry.update(score_task(t.type, y, logits, cal_entry, n_boot=n_boot, seed=seed, groups=groups))
+        clusters = np.asarray(task_rows.subject_ids) if len(task_rows.subject_ids) == len(rows) else None
+        entry.update(score_task(t.type, y, logits, cal_entry, n_boot=n_boot, seed=seed, groups=groups, clusters=clusters))
         if baseline:
             train_rows = ds.splits["train"][t.name].rows if "train" in ds.splits else []
             if train_rows:
                 vocab = ds.vocab_size
                 fitted = fit_baseline(t.type, count_features(_history(train_rows), vocab), targets_array(t.type, train_rows), seed=seed)
                 b_scores = fitted.predict_scores(count_features(_history(rows), vocab))
-                entry["baseline"] = {k: v.as_dict() for k, v in evaluate_task(t.type, y, b_scores, n_boot=n_boot, seed=seed).items()}
+                entry["baseline"] = {k: v.as_dict() for k, v in evaluate_task(t.type, y, b_scores, n_boot=n_boot, seed=seed,
+                                                                              clusters=clusters).items()}
                 if t.type != "regression":
                     entry["baseline"]["brier"] = {"value": brier_score(y, b_scores), "ci95": [None, None], "n": len(y)}
+                # Further baselines the task's spec asks for (e.g. gradient-boosted trees for a table task).
+                for extra in ds.manifest["tasks"][t.name].get("baselines", []):
+                    if extra != "logistic":
+                        fitted = fit_named_baseline(extra, t.type, count_features(_history(train_rows), vocab),
+                                                    targets_array(t.type, train_rows), seed=seed)
+                        e_scores = fitted.predict_scores(count_features(_history(rows), vocab))
+                        entry[f"baseline_{extra}"] = {k: v.as_dict() for k, v in evaluate_task(
+                            t.type, y, e_scores, n_boot=n_boot, seed=seed, clusters=clusters).items()}
         out[t.name] = entry
     return out

@@ -1,4 +1,8 @@
-"""Task metrics with percentile-bootstrap 95% intervals."""
+"""Task metrics with percentile-bootstrap 95% intervals.
+
+With `clusters` (each row's subject id), the bootstrap resamples subjects with all their rows (a cluster bootstrap):
+rows of one subject are not independent, and resampling rows would make the intervals too narrow.
+"""
 
 from __future__ import annotations
 
@@ -69,6 +73,27 @@ def default_metrics(task_type: str) -> tuple[str, ...]:
     }[task_type]
 
 
+def cluster_resampler(clusters: np.ndarray | None, n: int, rng: np.random.Generator):
+    """A function drawing one bootstrap sample of row indices: rows with replacement, or, with `clusters`, whole
+    clusters with replacement (each drawn cluster contributes all of its rows)."""
+    if clusters is None:
+        return lambda: rng.integers(0, n, n)
+    _, inverse = np.unique(np.asarray(clusters), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")  # rows grouped by cluster
+    counts = np.bincount(inverse)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    k = len(counts)
+
+    def draw() -> np.ndarray:
+        pick = rng.integers(0, k, k)
+        lengths = counts[pick]
+        # Row positions of each picked cluster, laid end to end: start of its block + 0..length-1.
+        offsets = np.repeat(starts[pick] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        return order[offsets + np.arange(lengths.sum())]
+
+    return draw
+
+
 def bootstrap(
     fn: Callable[[np.ndarray, np.ndarray], float],
     y: np.ndarray,
@@ -76,17 +101,21 @@ def bootstrap(
     *,
     n_boot: int = 1000,
     seed: int = 0,
+    clusters: np.ndarray | None = None,
 ) -> MetricValue:
-    """Point estimate plus a percentile bootstrap 95% interval over resampled samples."""
+    """Point estimate plus a percentile bootstrap 95% interval, resampling rows or (with `clusters`) subjects."""
     y, p = np.asarray(y), np.asarray(p)
     n = len(y)
     point = fn(y, p) if n else float("nan")
-    if n < 2:
+    if clusters is not None and len(clusters) != n:
+        raise ValueError(f"clusters has {len(clusters)} entries for {n} rows")
+    if n < 2 or (clusters is not None and len(np.unique(clusters)) < 2):
         return MetricValue(point, float("nan"), float("nan"), n)
     rng = np.random.default_rng(seed)
+    draw = cluster_resampler(clusters, n, rng)
     stats = []
     for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
+        idx = draw()
         v = fn(y[idx], p[idx])
         if not np.isnan(v):
             stats.append(v)
@@ -96,5 +125,36 @@ def bootstrap(
     return MetricValue(point, float(low), float(high), n)
 
 
-def evaluate_task(task_type: str, y, p, *, n_boot: int = 1000, seed: int = 0) -> dict[str, MetricValue]:
-    return {m: bootstrap(metric_fn(task_type, m), y, p, n_boot=n_boot, seed=seed) for m in default_metrics(task_type)}
+def paired_difference(
+    fn: Callable[[np.ndarray, np.ndarray], float],
+    y: np.ndarray,
+    p_a: np.ndarray,
+    p_b: np.ndarray,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    clusters: np.ndarray | None = None,
+) -> MetricValue:
+    """fn(y, p_a) - fn(y, p_b) on the same rows, with a paired bootstrap 95% interval: each resample (of rows or, with
+    `clusters`, of subjects) scores both models on the same draw, so what the two share cancels out."""
+    y, p_a, p_b = np.asarray(y), np.asarray(p_a), np.asarray(p_b)
+    n = len(y)
+
+    def diff(idx: np.ndarray) -> float:
+        return fn(y[idx], p_a[idx]) - fn(y[idx], p_b[idx])
+
+    point = diff(np.arange(n)) if n else float("nan")
+    if n < 2 or (clusters is not None and len(np.unique(clusters)) < 2):
+        return MetricValue(point, float("nan"), float("nan"), n)
+    draw = cluster_resampler(clusters, n, np.random.default_rng(seed))
+    stats = [v for v in (diff(draw()) for _ in range(n_boot)) if not np.isnan(v)]
+    if not stats:
+        return MetricValue(point, float("nan"), float("nan"), n)
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return MetricValue(point, float(low), float(high), n)
+
+
+def evaluate_task(task_type: str, y, p, *, n_boot: int = 1000, seed: int = 0,
+                  clusters: np.ndarray | None = None) -> dict[str, MetricValue]:
+    return {m: bootstrap(metric_fn(task_type, m), y, p, n_boot=n_boot, seed=seed, clusters=clusters)
+            for m in default_metrics(task_type)}
