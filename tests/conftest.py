@@ -17,7 +17,8 @@ except ImportError:  # kit's data side is usable without torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 # Modules that run Mamba on CPU, some through `kit` subprocesses under a timeout.
-CPU_SCAN_USERS = {"test_bundle.py", "test_finetune.py", "test_models.py", "test_kernels.py", "test_kernels_cpu.py"}
+CPU_SCAN_USERS = {"test_bundle.py", "test_forgetting.py", "test_finetune.py", "test_models.py", "test_kernels.py",
+                  "test_kernels_cpu.py"}
 
 
 def pytest_collection_finish(session):
@@ -69,7 +70,8 @@ TINY_BUNDLE_TASKS = ["mortality_1y", "next_encounter_type_90d", "new_diagnosis_1
 TINY_BUNDLE_TRAIN = [
     "device=cpu", "model.size=tiny", "pretrain.steps=2", "pretrain.optim.batch_size=4", "finetune.steps=3",
     "finetune.eval_every=3", "finetune.checkpoint_every=3", "finetune.optim.batch_size=4", "n_bootstrap=20",
-    "max_eval_rows=32",
+    "max_eval_rows=32", "finetune.hold_out_tasks=[readmission_30d]", "lines.enabled=true", "lines.alphas=[0.5,1.0]",
+    "lines.betas=[0.0,0.5]",
 ]
 
 
@@ -80,7 +82,9 @@ def tiny_clinical_bundle(tmp_path_factory) -> Path:
     Trained on the 40 Synthea patients shipped in examples/data/fhir/synthea-bundles (no ../shared/data needed), with
     60/20/20 subject splits, sequences cut to 48 tokens, a tiny Mamba, 2 pretraining and 3 finetuning steps: the
     metrics mean nothing, the files are real (calibration, report, model card, forgetting, MANIFEST hashes).
-    Task heads: mortality_1y (binary), next_encounter_type_90d (multiclass), new_diagnosis_1y (multilabel).
+    Task heads: mortality_1y (binary), next_encounter_type_90d (multiclass), new_diagnosis_1y (multilabel);
+    readmission_30d is in the dataset but held out of finetuning (`--hold-out-task`), and a 3-point LiNeS search
+    (`--lines`) chose the shipped weights, so the bundle also holds lines/ (base weights) and the trade-off curve.
 
     Returns the bundle directory `<workdir>/bundle`. Beside it, for tests to read:
 
@@ -102,6 +106,5 @@ def tiny_clinical_bundle(tmp_path_factory) -> Path:
         dataset_overrides=["tokenizer.max_len=48", f"tasks=[{','.join(TINY_BUNDLE_TASKS)}]", "splits.train=0.6",
                            "splits.val=0.2", "splits.test=0.2"],
     )
-    req.config.finetune.tasks = TINY_BUNDLE_TASKS[:3]
     result = run_finetune(req, lambda _msg: None, lambda _label, _total: None)
     return result.bundle_dir

@@ -11,55 +11,26 @@ import pytest
 import torch
 
 from kit import __version__
-from kit.bundle import MANIFEST, open_bundle, pack_bundle, write_bundle, write_manifest
-from kit.datasets.build import build_dataset
-from kit.datasets.config import load_config
+from kit.bundle import MANIFEST, open_bundle, pack_bundle, write_manifest
 from kit.errors import KitError
 from kit.eval.bundle_eval import _merged, evaluate_bundle
 from kit.eval.calibration import fit_task_calibration
-from kit.eval.evaluate import data_summary, evaluate_tasks, fit_calibration
-from kit.eval.report import SECTIONS, model_card_markdown, render_report
+from kit.eval.report import SECTIONS
 from kit.eval.scoring import targets_array, task_logits
-from kit.train.config import load_train_config
 from kit.train.data import load_dataset
-from kit.train.finetune import finetune
-from kit.train.workflow import train_config_yaml
 
 REPO = Path(__file__).resolve().parents[1]
-TASKS = "mortality_1y,next_encounter_type_90d,new_diagnosis_1y"
-FAST = ["pretrain.steps=0", "finetune.steps=3", "finetune.eval_every=3", "finetune.optim.batch_size=4",
-        "n_bootstrap=20", "model.size=tiny", "max_eval_rows=32"]
 
 
 @pytest.fixture(scope="module")
-def trained(synthea_events, tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundle")
-    cfg = load_config(None, ["tokenizer.max_len=48", f"tasks=[{TASKS}]"])
-    build_dataset("clinical", synthea_events, root / "dataset", cfg)
-    ds = load_dataset(root / "dataset")
-    tcfg = load_train_config(overrides=FAST)
-    return root, ds, tcfg, finetune(ds, tcfg, root / "ft")
+def tiny_bundle(tiny_clinical_bundle) -> Path:
+    """The session's shared bundle (tests/conftest.py), made by the kit finetune workflow: read it, never change it."""
+    return tiny_clinical_bundle
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(trained) -> Path:
-    """A bundle made the way `kit finetune` makes it: calibration on val, calibrated test metrics, report, card."""
-    root, ds, tcfg, model = trained
-    tasks = ds.supervised_tasks()
-    cpu = torch.device("cpu")
-    calibration = fit_calibration(model, ds, tasks, cpu, bf16=False)
-    results = evaluate_tasks(model, ds, tasks, cpu, n_boot=20, bf16=False, calibration=calibration)
-    metrics = {"split": "test", "vertical": "clinical", "backbone": "mamba", "size": "tiny", "lora": False,
-               "dataset": str(root / "dataset"), "subjects": ds.manifest.get("subjects"), "tasks": results,
-               "kit_version": __version__, "data": data_summary(ds)}
-    meta = {"tasks": {n: t for n, t in ds.manifest["tasks"].items() if n in {s.name for s in tasks}},
-            "max_len": ds.manifest.get("max_len"), "vocab_size": ds.vocab_size}
-    out = write_bundle(root / "bundle", vertical="clinical", model=model, tokenizer_file=root / "dataset" / "tokenizer.json",
-                       tasks=meta, metrics=metrics, train_config_yaml=train_config_yaml(tcfg),
-                       extra_texts={"calibration.json": json.dumps(calibration), **render_report(metrics, calibration)},
-                       model_card=model_card_markdown(metrics, calibration))
-    pack_bundle(out, root / "clinical.kitbundle")
-    return out
+def dataset(tiny_bundle):
+    return load_dataset(tiny_bundle.parent / "dataset")
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:
@@ -93,12 +64,14 @@ def _bundle_files(bundle_dir: Path) -> list[str]:
 
 
 # Parametrized over the files a bundle of this kit writes; the test checks the list is complete.
-FILES = ["MANIFEST.json", "calibration.json", "config.json", "metrics.json", "model.safetensors", "model_card.md",
-         "report/index.html", "report/metrics.json", "report/report.md", "tasks.json", "tokenizer.json", "train_config.yaml"]
+FILES = ["MANIFEST.json", "calibration.json", "config.json", "lines/base.safetensors", "lines/lines.json", "metrics.json",
+         "model.safetensors", "model_card.md", "report/index.html", "report/metrics.json", "report/report.md", "tasks.json",
+         "tokenizer.json", "train_config.yaml"]
 
 
 def test_parametrized_file_list_is_every_file(tiny_bundle):
-    assert _bundle_files(tiny_bundle) == sorted(FILES)
+    scaled = json.loads((tiny_bundle / "lines" / "lines.json").read_text())["finetuned"] != "model.safetensors"
+    assert _bundle_files(tiny_bundle) == sorted(FILES + (["lines/finetuned.safetensors"] if scaled else []))
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -213,8 +186,8 @@ def test_kit_evaluate_reproduces_the_bundles_test_metrics(tiny_bundle, tmp_path)
     assert sum(v["n"] for v in mortality["subgroups"]["age_band"].values()) == mortality["n"]
 
 
-def test_split_all_scores_every_row_of_another_population(trained):
-    _, ds, _, _ = trained
+def test_split_all_scores_every_row_of_another_population(dataset):
+    ds = dataset
     n_all = sum(len(split["mortality_1y"].rows) for split in ds.splits.values())
     merged = _merged(load_dataset(ds.root), "all")  # what `kit evaluate --split all` scores
     assert len(merged.splits["all"]["mortality_1y"].rows) == n_all
@@ -232,8 +205,8 @@ def test_kit_evaluate_refuses_a_dataset_with_another_tokenizer(tiny_bundle, tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_temperature_scaling_fixes_a_deliberately_overconfident_model(trained):
-    _, ds, _, model = trained
+def test_temperature_scaling_fixes_a_deliberately_overconfident_model(tiny_bundle, dataset):
+    ds, model = dataset, open_bundle(tiny_bundle).load_model()
     task = "next_encounter_type_90d"
     rows = ds.splits["train"][task].rows[:300]
     sharp = type(model)(model.config)
@@ -263,13 +236,14 @@ def test_html_report_renders_in_headless_chromium(tiny_bundle, tmp_path):
     dom = subprocess.run([*base, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=False).stdout
     for section in SECTIONS:
         assert f'id="{section.lower().replace(" ", "-")}"' in dom and f"<h2>{section}</h2>" in dom, section
-    assert dom.count("data:image/png;base64,") >= 2  # reliability diagrams and the baseline figure, inline
+    assert dom.count("data:image/png;base64,") >= 3  # reliability diagrams, baseline and LiNeS figures, inline
+    assert "LiNeS trade-off" in dom and "held out, probe" in dom
 
 
 def test_kit_evaluate_on_another_populations_raw_fhir(tiny_bundle, tmp_path):
-    """The shipped example export stands in for a second hospital: ingested, built with the bundle's tokenizer and
-    classes, every row scored with the bundle's calibration."""
-    raw = REPO / "examples" / "data" / "fhir" / "synthea-bundles"
+    """The shipped Bulk Data export (13 patients the bundle never saw) stands in for a second hospital: ingested, built
+    with the bundle's tokenizer and classes, every row scored with the bundle's calibration."""
+    raw = REPO / "examples" / "data" / "fhir" / "bulk-ndjson"
     got = evaluate_bundle(tiny_bundle, raw, tmp_path / "other", n_boot=5)
     assert got["split"] == "all"
     built = tmp_path / "other.work" / "dataset"

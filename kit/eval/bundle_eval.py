@@ -85,8 +85,12 @@ def dataset_for_population(bundle: Bundle, data: Path, work: Path, say) -> Path:
 
 
 def evaluate_bundle(bundle_path: Path, data: Path, out: Path, *, split: str = "test", n_boot: int = 500, seed: int = 0,
-                    batch_size: int = 64, device: str = "auto", say=lambda _t: None) -> dict[str, Any]:
-    """Evaluate a bundle on a dataset; writes out/metrics.json and out/report/ atomically and returns the metrics."""
+                    batch_size: int = 64, device: str = "auto", say=lambda _t: None,
+                    compare: Path | None = None) -> dict[str, Any]:
+    """Evaluate a bundle on a dataset; writes out/metrics.json and out/report/ atomically and returns the metrics.
+
+    `compare`: another bundle or metrics.json shown beside this one (kit.eval.compare), e.g. a --single-task run.
+    """
     from kit.eval.evaluate import data_summary, evaluate_tasks
     from kit.eval.report import render_report
     from kit.models import TaskSpec
@@ -126,8 +130,14 @@ def evaluate_bundle(bundle_path: Path, data: Path, out: Path, *, split: str = "t
         "lora": trained.get("lora"), "dataset": str(data), "subjects": ds.manifest.get("subjects"), "tasks": results,
         "bundle": str(bundle_path), "bundle_kit_version": bundle.kit_version, "kit_version": __version__,
         "data": data_summary(ds), "forgetting": trained.get("forgetting"),
-        "wall_seconds": round(time.perf_counter() - t0, 1),
     }
+    if compare is not None:
+        from kit.eval.compare import compare_with
+
+        say(f"comparing with {compare}")
+        metrics["comparison"] = compare_with(compare, bundle, model, ds, data, split, tasks, results, dev, n_boot=n_boot,
+                                             seed=seed, batch_size=batch_size)
+    metrics["wall_seconds"] = round(time.perf_counter() - t0, 1)
     with atomic_dir(out) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
         for name, text in render_report(metrics, bundle.calibration, title=f"kit {bundle.vertical} evaluation: {data.name}").items():

@@ -2,8 +2,9 @@
 `report/metrics.json`, built from the metrics that `kit finetune` and `kit evaluate` compute.
 
 Sections: model card (intended use, data and time span, tasks and cohorts, limitations), metrics with 95% intervals
-beside the count-feature baseline, calibration (reliability diagrams and ECE before/after, thresholds), forgetting,
-and subgroups (sex, age band) with their sizes.
+beside the count-feature baseline, calibration (reliability diagrams and ECE before/after, thresholds), forgetting
+(next-event objective, held-out tasks, the LiNeS trade-off curve when searched), a comparison with another model when
+`kit evaluate --compare` gave one, and subgroups (sex, age band) with their sizes.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ INTENDED_USE = (
     "for populations and coding practices like the training data; re-evaluate with `kit evaluate` before use elsewhere."
 )
 LIMITATIONS = (
-    "Metrics come from one population's held-out subjects; intervals are percentile bootstrap over samples (several "
-    "samples of one subject are not independent, so intervals are optimistic). Subgroups with few samples or a single "
+    "Metrics come from one population's held-out subjects; intervals are a percentile bootstrap over subjects (each "
+    "subject's samples are resampled together, as they are not independent). Subgroups with few samples or a single "
     "outcome give undefined or wide estimates. Calibration was fit on the validation split and can drift with "
     "prevalence or coding changes. Labels come from coded events (no chart review), so they carry coding errors. "
     "The count-feature baseline is a sanity bar, not the best possible classical model."
@@ -129,8 +130,13 @@ def baseline_figure(tasks: dict[str, dict]) -> str | None:
     return _png(fig)
 
 
-def forgetting_figure(forgetting: dict | None) -> str | None:
-    curve = (forgetting or {}).get("lines_curve")
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not math.isnan(float(v))
+
+
+def lines_figure(lines: dict | None) -> str | None:
+    """The LiNeS trade-off: validation task score against forgetting per (alpha, beta), the chosen point ringed."""
+    curve = [p for p in (lines or {}).get("curve") or [] if _finite(p.get("task_score"))]
     if not curve:
         return None
     import matplotlib
@@ -138,12 +144,21 @@ def forgetting_figure(forgetting: dict | None) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.scatter([p["forgetting"] for p in curve], [p["task_score"] for p in curve], color="#2b6cb0")
-    for p in curve:
-        ax.annotate(f"a={p['alpha']:g},b={p['beta']:g}", (p["forgetting"], p["task_score"]), fontsize=6)
-    ax.set_xlabel("forgetting (next-event loss increase)")
-    ax.set_ylabel("validation task score")
+    xs = [p["forgetting"] if _finite(p.get("forgetting")) else 0.0 for p in curve]
+    ys = [p["task_score"] for p in curve]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.scatter(xs, ys, c=[p["alpha"] for p in curve], cmap="viridis", vmin=0, vmax=1, s=28, zorder=3)
+    for p, x, y in zip(curve, xs, ys, strict=True):
+        ax.annotate(f"{p['alpha']:g},{p['beta']:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    chosen = (lines or {}).get("curve", [])[(lines or {}).get("chosen", -1)] if (lines or {}).get("curve") else None
+    if chosen and _finite(chosen.get("task_score")):
+        cx = chosen["forgetting"] if _finite(chosen.get("forgetting")) else 0.0
+        ax.scatter([cx], [chosen["task_score"]], s=160, facecolors="none", edgecolors="#c53030", lw=1.5, zorder=4,
+                   label=f"chosen (alpha={chosen['alpha']:g}, beta={chosen['beta']:g})")
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlabel("forgetting: next-event loss increase over the base (validation)", fontsize=8)
+    ax.set_ylabel("validation task score", fontsize=8)
+    ax.set_title("LiNeS trade-off (labels: alpha,beta)", fontsize=9)
     return _png(fig)
 
 
@@ -152,7 +167,7 @@ def forgetting_figure(forgetting: dict | None) -> str | None:
 
 def _rows_metrics(tasks: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     head = ["task", "type", "n", "prevalence", "AUROC", "AUPRC / acc.", "Brier", "ECE (15 bins)", "ECE (equal mass)",
-            "threshold", "F1", "sensitivity", "specificity", "baseline AUROC", "baseline AUPRC / acc."]
+            "threshold", "F1", "sensitivity", "specificity", "baseline AUROC", "baseline AUPRC / acc.", "GBT AUROC"]
     rows = []
     for name, t in tasks.items():
         m, b = t.get("model"), t.get("baseline")
@@ -161,7 +176,7 @@ def _rows_metrics(tasks: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
         rows.append([name, t.get("type", "-"), str(t.get("n", 0)), _prevalence(t.get("prevalence")), _metric(m, "auroc"),
                      _metric(m, second), _metric(m, "brier"), _metric(m, "ece"), _metric(m, "ece_equal_mass"), _num(thr),
                      _metric(m, "f1"), _metric(m, "sensitivity"), _metric(m, "specificity"), _metric(b, "auroc"),
-                     _metric(b, second)])
+                     _metric(b, second), _metric(t.get("baseline_gbt"), "auroc")])
     return head, rows
 
 
@@ -192,14 +207,52 @@ def _rows_subgroups(tasks: dict[str, dict]) -> tuple[list[str], list[list[str]]]
     return head, rows
 
 
+def _with_ci(value: Any, ci: list | None) -> str:
+    return _metric({"v": {"value": value, "ci95": ci or [None, None]}}, "v")
+
+
 def _rows_forgetting(forgetting: dict | None) -> tuple[list[str], list[list[str]]]:
     head = ["measure", "before finetuning", "after finetuning", "change"]
     rows = []
     for key, v in ((forgetting or {}).get("next_event") or {}).items():
         if isinstance(v, dict) and "before" in v:
-            rows.append([key, _num(v["before"]), _num(v["after"]), _num(v["after"] - v["before"]) if v["before"] is not None else "-"])
+            rows.append([f"next-event {key}", _num(v["before"]), _num(v["after"]),
+                         _num(v["after"] - v["before"]) if v["before"] is not None else "-"])
     for task, v in ((forgetting or {}).get("held_out_tasks") or {}).items():
-        rows.append([f"{task} (held out)", _num(v.get("before")), _num(v.get("after")), _num(v.get("change"))])
+        label = f"{task} {str(v.get('metric', '')).upper()} (held out, probe; n={v.get('n_test', '-')})"
+        if "before" not in v:
+            rows.append([label, "-", "-", v.get("note", "-")])
+            continue
+        rows.append([label, _with_ci(v.get("before"), v.get("before_ci95")), _with_ci(v.get("after"), v.get("after_ci95")),
+                     _with_ci(v.get("change"), v.get("change_ci95"))])
+    return head, rows
+
+
+def _rows_lines(lines: dict | None) -> tuple[list[str], list[list[str]]]:
+    head = ["alpha", "beta", "validation task score", "next-event loss", "forgetting", "chosen"]
+    rows = []
+    for i, p in enumerate((lines or {}).get("curve") or []):
+        rows.append([f"{p['alpha']:g}", f"{p['beta']:g}", _num(p.get("task_score")), _num(p.get("next_event_loss")),
+                     _num(p.get("forgetting")), "yes" if i == lines.get("chosen") else ""])
+    return head, rows
+
+
+def _lines_text(lines: dict | None) -> str:
+    if not lines:
+        return ""
+    return (f"LiNeS scaling: layer l of L keeps alpha + beta * l / (L - 1) of its finetuning update (embeddings and LM "
+            f"head alpha). Chosen on the validation split: alpha={lines['alpha']:g}, beta={lines['beta']:g} "
+            f"({lines.get('rule', '')}); the shipped model and every metric above use it.")
+
+
+def _rows_comparison(comparison: dict | None) -> tuple[list[str], list[list[str]]]:
+    c = comparison or {}
+    this, other = c.get("this_label", "this model"), c.get("other_label", "other model")
+    head = ["task", "metric", "n", this, other, "difference (95% CI)", "verdict"]
+    rows = []
+    for name, t in (c.get("tasks") or {}).items():
+        rows.append([name, str(t.get("metric", "-")).upper(), str(t.get("n", "-")), _metric(t, "this"),
+                     _metric(t, "other"), _metric(t, "difference"), t.get("verdict", "-")])
     return head, rows
 
 
@@ -247,24 +300,37 @@ def render_report(metrics: dict, calibration: dict | None = None, *, title: str 
     tasks = metrics.get("tasks") or {}
     forgetting = metrics.get("forgetting")
     title = title or f"kit {metrics.get('vertical', '')} model report"
+    lines, comparison = metrics.get("lines"), metrics.get("comparison")
     tables = {
         "cohorts": _cohort_rows(metrics),
         "metrics": _rows_metrics(tasks),
         "calibration": _rows_calibration(tasks, calibration),
         "forgetting": _rows_forgetting(forgetting),
+        "lines": _rows_lines(lines),
+        "comparison": _rows_comparison(comparison),
         "subgroups": _rows_subgroups(tasks),
     }
-    figures = {"baseline": baseline_figure(tasks), "forgetting": forgetting_figure(forgetting)}
+    sections = [*SECTIONS[:4], *(["Comparison"] if comparison else []), *SECTIONS[4:]]
+    figures = {"baseline": baseline_figure(tasks), "lines": lines_figure(lines)}
+    held_note = (forgetting or {}).get("held_out_note", "")
+    probe_note = ("Held-out tasks were left out of finetuning; each is scored by a linear probe fit on train-split "
+                  "features of the frozen model, the same procedure before and after finetuning; the change has a "
+                  "paired subject-level bootstrap interval." if (forgetting or {}).get("held_out_tasks") else "")
+    comparison_note = (comparison or {}).get("note", "")
     reliability = {n: reliability_figure(n, t) for n, t in tasks.items()}
     forgetting_note = (forgetting or {}).get("note") or ("" if forgetting else
                                                          "Forgetting was not measured for this bundle.")
 
     md = [f"# {title}", "", "## Model card", "", *[f"- **{k}**: {v}" for k, v in _facts(metrics)], "",
           "### Intended use", "", INTENDED_USE, "", "### Tasks and cohorts", "", _md_table(*tables["cohorts"]),
-          "## Metrics", "", "Test metrics with 95% bootstrap intervals; probabilities are calibrated.", "",
+          "## Metrics", "", "Test metrics with 95% subject-level bootstrap intervals; probabilities are calibrated.", "",
           _md_table(*tables["metrics"]), "## Calibration", "", _md_table(*tables["calibration"]),
           "Reliability diagrams are in index.html.", "", "## Forgetting", "", forgetting_note, "",
-          _md_table(*tables["forgetting"]), "## Subgroups", "", _md_table(*tables["subgroups"]),
+          *([probe_note, ""] if probe_note else []), *([held_note, ""] if held_note else []),
+          _md_table(*tables["forgetting"]),
+          *(["### LiNeS trade-off", "", _lines_text(lines), "", _md_table(*tables["lines"])] if lines else []),
+          *(["## Comparison", "", comparison_note, "", _md_table(*tables["comparison"])] if comparison else []),
+          "## Subgroups", "", _md_table(*tables["subgroups"]),
           "## Limitations", "", LIMITATIONS, ""]
 
     def img(b64: str | None, alt: str) -> str:
@@ -274,18 +340,23 @@ def render_report(metrics: dict, calibration: dict | None = None, *, title: str 
     rel_imgs = "".join(f"<figure>{img(b, f'reliability diagram {n}')}</figure>" for n, b in reliability.items() if b)
     body = f"""
 <h1>{html.escape(title)}</h1>
-<nav>{" · ".join(f'<a href="#{s.lower().replace(" ", "-")}">{s}</a>' for s in SECTIONS)}</nav>
+<nav>{" · ".join(f'<a href="#{s.lower().replace(" ", "-")}">{s}</a>' for s in sections)}</nav>
 <section id="model-card"><h2>Model card</h2><table class="facts">{facts}</table>
 <h3>Intended use</h3><p>{html.escape(INTENDED_USE)}</p>
 <h3>Tasks and cohorts</h3>{_html_table(*tables["cohorts"])}</section>
-<section id="metrics"><h2>Metrics</h2><p>Test metrics with 95% bootstrap intervals; probabilities are calibrated.
+<section id="metrics"><h2>Metrics</h2><p>Test metrics with 95% subject-level bootstrap intervals; probabilities are calibrated.
 The count-feature logistic regression baseline is trained on the same splits.</p>
 {_html_table(*tables["metrics"])}<figure>{img(figures["baseline"], "model versus baseline AUROC")}</figure></section>
 <section id="calibration"><h2>Calibration</h2><p>Fit on the {html.escape(str(calibration.get("fit_on", "validation")))} split;
 decision thresholds chosen there by {html.escape(str(calibration.get("threshold_rule", "-")))}.</p>
 {_html_table(*tables["calibration"])}<div class="figs">{rel_imgs}</div></section>
-<section id="forgetting"><h2>Forgetting</h2><p>{html.escape(forgetting_note)}</p>{_html_table(*tables["forgetting"])}
-<figure>{img(figures["forgetting"], "LiNeS trade-off")}</figure></section>
+<section id="forgetting"><h2>Forgetting</h2><p>{html.escape(forgetting_note)}</p>
+{f"<p>{html.escape(probe_note)}</p>" if probe_note else ""}{f"<p>{html.escape(held_note)}</p>" if held_note else ""}
+{_html_table(*tables["forgetting"])}
+{f'<h3>LiNeS trade-off</h3><p>{html.escape(_lines_text(lines))}</p>' if lines else ""}
+<figure>{img(figures["lines"], "LiNeS trade-off: validation task score versus forgetting")}</figure>
+{_html_table(*tables["lines"]) if lines else ""}</section>
+{f'<section id="comparison"><h2>Comparison</h2><p>{html.escape(comparison_note)}</p>{_html_table(*tables["comparison"])}</section>' if comparison else ""}
 <section id="subgroups"><h2>Subgroups</h2>{_html_table(*tables["subgroups"])}</section>
 <section id="limitations"><h2>Limitations</h2><p>{html.escape(LIMITATIONS)}</p></section>
 """

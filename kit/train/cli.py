@@ -89,10 +89,14 @@ def results_table(metrics: dict) -> Table:
     table.add_column("prev.", justify="right", no_wrap=True)
     table.add_column("AUROC (95% CI)", justify="right", no_wrap=True)
     table.add_column("baseline", justify="right", no_wrap=True)
+    gbt = any("baseline_gbt" in t for t in metrics["tasks"].values())  # tasks whose spec asks for trees (tables)
+    if gbt:
+        table.add_column("GBT baseline", justify="right", no_wrap=True)
     for name, t in metrics["tasks"].items():
         prev = t.get("prevalence")
         prev_s = f"{prev:.3f}" if isinstance(prev, float) else ("-" if prev is None else "multi")
-        table.add_row(name, str(t["n"]), prev_s, _fmt(t.get("model"), "auroc"), _fmt(t.get("baseline"), "auroc"))
+        cells = [name, str(t["n"]), prev_s, _fmt(t.get("model"), "auroc"), _fmt(t.get("baseline"), "auroc")]
+        table.add_row(*cells, *([_fmt(t.get("baseline_gbt"), "auroc") if "baseline_gbt" in t else "-"] if gbt else []))
     return table
 
 
@@ -111,6 +115,8 @@ def finetune_command(
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --workdir."),
     single_task: str | None = typer.Option(None, "--single-task", help="Finetune on this one task only, to compare with the multitask run."),
+    hold_out_task: list[str] = typer.Option([], "--hold-out-task", help="Leave this task out of finetuning and report it as forgetting (repeatable)."),
+    lines: bool = typer.Option(False, "--lines", help="Search LiNeS scaling of the update on validation (task score vs forgetting)."),
 ) -> None:
     """Pretrain (unless --base-model), finetune on every task of the vertical, evaluate, and write the bundle.
 
@@ -123,6 +129,10 @@ def finetune_command(
     cfg = _overrides(config, sets, backbone, size, lora, keep_forecasting, device)
     if single_task:
         cfg.finetune.tasks = [single_task]
+    if hold_out_task:
+        cfg.finetune.hold_out_tasks = sorted(set(cfg.finetune.hold_out_tasks) | set(hold_out_task))
+    if lines:
+        cfg.lines.enabled = True
     if resume and workdir is None:
         raise KitError("--resume needs the --workdir of the interrupted run")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and workdir is None:
@@ -138,7 +148,35 @@ def finetune_command(
     if result.bundle_dir is None:  # a non-zero rank of a distributed run
         return
     console.print(results_table(result.metrics))
+    print_forgetting(result.metrics)
     console.print(f"bundle: {result.bundle_dir}  packed: {result.bundle_file}  ({result.metrics['wall_seconds']:.0f}s)")
+
+
+def _f(v, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def print_forgetting(metrics: dict) -> None:
+    """The held-out tasks and the LiNeS trade-off, when the run measured them (the rest is in the report)."""
+    held = (metrics.get("forgetting") or {}).get("held_out_tasks") or {}
+    if held:
+        table = Table(title="held-out tasks (linear probe on frozen features, test split)")
+        for col in ("task", "metric", "before", "after", "change (95% CI)"):
+            table.add_column(col, justify="left" if col in ("task", "metric") else "right", no_wrap=True)
+        for name, h in held.items():
+            lo, hi = h.get("change_ci95") or [None, None]
+            table.add_row(name, h.get("metric", "-"), _f(h.get("before")), _f(h.get("after")),
+                          f"{_f(h.get('change'))} ({_f(lo, 2)}-{_f(hi, 2)})" if "change" in h else h.get("note", "-"))
+        console.print(table)
+    lines = metrics.get("lines")
+    if lines:
+        table = Table(title=f"LiNeS on validation: chose alpha={lines['alpha']:g}, beta={lines['beta']:g}")
+        for col in ("alpha", "beta", "task score", "forgetting", ""):
+            table.add_column(col, justify="right", no_wrap=True)
+        for i, pt in enumerate(lines["curve"]):
+            table.add_row(f"{pt['alpha']:g}", f"{pt['beta']:g}", _f(pt["task_score"]), _f(pt["forgetting"]),
+                          "chosen" if i == lines["chosen"] else "")
+        console.print(table)
 
 
 def pretrain_command(
@@ -199,7 +237,33 @@ def config_schema() -> None:
     typer.echo(json.dumps(TrainConfig.model_json_schema(), indent=2))
 
 
+def lines_command(
+    bundle: Path = typer.Option(..., "--bundle", help="A bundle directory or .kitbundle written with its base weights (lines/)."),
+    data: Path | None = typer.Option(None, "--data", help="Its dataset (default: the dataset recorded in the bundle)."),
+    out: Path | None = typer.Option(None, "--out", help="The new bundle directory (default: BUNDLE-lines beside it)."),
+    sets: list[str] = typer.Option([], "--set", help="Override a config field, e.g. --set lines.max_score_drop=0.02."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Rescale a bundle's finetuning update with LiNeS, choose alpha/beta on validation, and write a new bundle.
+
+    Each grid point scales layer l's update by alpha + beta * l / (layers - 1) (embeddings and LM head by alpha) and
+    is scored on validation: task score versus forgetting (next-event loss increase). The chosen point is recalibrated
+    and evaluated like `kit finetune`; the report shows the trade-off curve.
+
+    Example:
+
+      kit lines --bundle kit-runs/clinical/clinical.kitbundle --set lines.max_score_drop=0.02
+    """
+    from kit.train.finish import rescale_bundle
+
+    result = rescale_bundle(bundle, data, out, list(sets) + ([f"device={device}"] if device else []), say=console.print)
+    console.print(results_table(result.metrics))
+    print_forgetting(result.metrics)
+    console.print(f"bundle: {result.bundle_dir}  packed: {result.bundle_file}  ({result.metrics['wall_seconds']:.0f}s)")
+
+
 def register(app: typer.Typer) -> None:
     app.command("finetune")(finetune_command)
     app.command("pretrain")(pretrain_command)
+    app.command("lines")(lines_command)
     app.add_typer(config_app, name="config")

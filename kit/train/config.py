@@ -56,6 +56,9 @@ class FinetuneSection(_Section):
     task_weights: dict[str, float] = Field(default_factory=dict, description="Per-task loss weights (default 1).")
     focal_gamma: float = Field(0.0, ge=0, description="Focal-loss exponent for classification tasks (0 = off).")
     tasks: list[str] | None = Field(None, description="Tasks to finetune on (default: every supervised task).")
+    hold_out_tasks: list[str] = Field(
+        default_factory=list,
+        description="Tasks left out of finetuning; a frozen-feature probe measures them before and after (forgetting).")
 
 
 class CalibrationSection(_Section):
@@ -63,6 +66,17 @@ class CalibrationSection(_Section):
         "temperature", description="Per-task calibration fit on the validation split (isotonic: binary tasks only).")
     threshold: Literal["max_f1", "sensitivity"] = Field("max_f1", description="How each binary task's decision threshold is chosen on validation.")
     target_sensitivity: float = Field(0.8, gt=0, le=1, description="With threshold=sensitivity: the sensitivity to reach.")
+
+
+class LinesSection(_Section):
+    enabled: bool = Field(False, description="Search LiNeS scaling of the finetuning update after finetuning (--lines).")
+    alphas: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], description="Grid of alpha (the shallowest layer's scale).")
+    betas: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], description="Grid of beta (added with depth).")
+    max_scale: float = Field(1.0, gt=0, description="Keep grid points with alpha + beta <= this (1: never extrapolate).")
+    max_score_drop: float = Field(
+        0.01, ge=0, description="Choose the least forgetting among points within this of the best validation score.")
+    store_base: bool = Field(
+        True, description="Keep the weights finetuning started from in the bundle (lines/), so `kit lines` can rescale.")
 
 
 class TrainConfig(_Section):
@@ -77,6 +91,7 @@ class TrainConfig(_Section):
     max_eval_rows: int = Field(1000, ge=1, description="Validation rows per task scored at each evaluation (fixed subsample).")
     n_bootstrap: int = Field(500, ge=0, description="Bootstrap resamples for the 95% intervals.")
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
+    lines: LinesSection = Field(default_factory=LinesSection)
 
 
 def load_train_config(path: Path | None = None, overrides: list[str] = ()) -> TrainConfig:

@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 NUM_TOKEN_TYPES = 9  # kit.tokenizer.TOKEN_TYPES
 
 
+def dist_main() -> bool:
+    return distributed.current().is_main
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto" or name == "cuda":
         if torch.cuda.is_available():
@@ -125,6 +129,23 @@ def validation_score(model, ds: LoadedDataset, tasks: list[TaskSpec], device, co
     return (float(np.mean(vals)) if vals else float("nan")), per_task
 
 
+def training_tasks(ds: LoadedDataset, config: TrainConfig) -> list[TaskSpec]:
+    """The tasks finetuning trains: `finetune.tasks` (default every supervised task) less `finetune.hold_out_tasks`."""
+    held = list(config.finetune.hold_out_tasks)
+    if held:
+        ds.supervised_tasks(held)  # an unknown held-out task is an error naming the dataset's tasks
+    if config.finetune.tasks and set(held) & set(config.finetune.tasks):
+        raise KitError(f"task(s) {sorted(set(held) & set(config.finetune.tasks))} are both finetuned and held out",
+                       hint="a --hold-out-task is left out of finetuning; do not also name it in finetune.tasks / --single-task")
+    tasks = [t for t in ds.supervised_tasks(config.finetune.tasks) if t.name not in held]
+    if not tasks and held:
+        raise KitError(f"every supervised task is held out ({', '.join(held)}): nothing left to finetune on")
+    return tasks
+
+
+INITIAL_WEIGHTS = "initial.safetensors"
+
+
 def finetune(
     ds: LoadedDataset,
     config: TrainConfig,
@@ -136,7 +157,7 @@ def finetune(
 ) -> KitModel:
     """Multitask prompted finetuning: batches mix tasks by the dataset's weights, the loss is task-balanced."""
     device = resolve_device(config.device)
-    tasks = ds.supervised_tasks(config.finetune.tasks)
+    tasks = training_tasks(ds, config)
     if not tasks:
         raise KitError(f"{ds.root}: the dataset has no supervised task to finetune on")
     if isinstance(base, KitModel):
@@ -151,6 +172,14 @@ def finetune(
     else:
         model = new_model(ds, config, tasks)
     model = model.to(device)
+    initial = Path(run_dir) / INITIAL_WEIGHTS
+    if dist_main() and not initial.exists():
+        # The weights finetuning starts from (every parameter but the new task heads): LiNeS scales the update
+        # against exactly these, whether they came from pretraining, --base-model or a fresh init.
+        from kit.train.lines import save_state, start_state
+
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        save_state(start_state(model), initial)
     trainable = model
     if config.lora.enabled:
         lc = config.lora

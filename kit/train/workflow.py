@@ -6,7 +6,7 @@ inputs reuses it, and a changed input or config rebuilds that stage and the ones
     <workdir>/events/      event store (when --data is raw records)
     <workdir>/dataset/     prompted multitask dataset
     <workdir>/pretrain/    next-event pretraining run (checkpoints, metrics.jsonl, model/)
-    <workdir>/finetune/    multitask finetuning run (checkpoints, metrics.jsonl, model/)
+    <workdir>/finetune/    multitask finetuning run (checkpoints, metrics.jsonl, model/, initial.safetensors)
     <workdir>/bundle/      the bundle; packed as <workdir>/<vertical>.kitbundle
 """
 
@@ -220,13 +220,11 @@ def _train_stage(run_dir: Path, key: str, resume: bool, train: Callable[[], Any]
 
 def run_finetune(req: FinetuneRequest, say: Say, progress_factory: Callable[[str, int], Any]) -> FinetuneResult:
     """All stages; `progress_factory(label, total)` returns a callback(step, total, record)."""
-    from kit.bundle import pack_bundle, write_bundle
-    from kit import __version__
-    from kit.eval.evaluate import data_summary, evaluate_tasks, fit_calibration
-    from kit.eval.forgetting import measure_forgetting
-    from kit.eval.report import model_card_markdown, render_report
+    from kit.models import KitModel
     from kit.train.data import load_dataset
-    from kit.train.finetune import finetune, pretrain, resolve_device
+    from kit.train.finetune import INITIAL_WEIGHTS, finetune, pretrain, training_tasks
+    from kit.train.finish import finish_bundle
+    from kit.train.lines import load_state, start_state
 
     t0 = time.perf_counter()
     dist_info = distributed.init_from_env()
@@ -244,6 +242,7 @@ def run_finetune(req: FinetuneRequest, say: Say, progress_factory: Callable[[str
     say(f"loading dataset {dataset_dir}")
     ds = load_dataset(dataset_dir)
     ds_key = ds.manifest.get("config_hash", "")
+    training_tasks(ds, cfg)  # a wrong --hold-out-task / --single-task fails before any training
 
     base: Any = req.base_model
     if base is None and cfg.pretrain.steps > 0:
@@ -255,7 +254,8 @@ def run_finetune(req: FinetuneRequest, say: Say, progress_factory: Callable[[str
         )
     if req.pretrain_only:
         return FinetuneResult(req.workdir, None, None, {})
-    ft_key = _sha({"dataset": ds_key, "config": cfg.model_dump(mode="json"), "base": str(req.base_model)})
+    # LiNeS settings act after training: changing them reuses the finetuned model.
+    ft_key = _sha({"dataset": ds_key, "config": cfg.model_dump(mode="json", exclude={"lines"}), "base": str(req.base_model)})
     model = _train_stage(
         req.workdir / "finetune", ft_key, req.resume,
         lambda: finetune(ds, cfg, req.workdir / "finetune", base=base, progress=progress_factory("finetune", cfg.finetune.steps)),
@@ -263,41 +263,12 @@ def run_finetune(req: FinetuneRequest, say: Say, progress_factory: Callable[[str
     )
     if not dist_info.is_main:
         return FinetuneResult(req.workdir, None, None, {})
-    say("evaluating on the test split beside the count-feature baseline")
-    device = resolve_device(cfg.device)
-    model = model.to(device)
-    tasks = ds.supervised_tasks(cfg.finetune.tasks)
-    cc = cfg.calibration
-    calibration = fit_calibration(model, ds, tasks, device, method=cc.method, threshold_rule=cc.threshold,
-                                  target_sensitivity=cc.target_sensitivity, batch_size=cfg.eval_batch_size, bf16=cfg.bf16)
-    results = evaluate_tasks(model, ds, tasks, device, split="test", batch_size=cfg.eval_batch_size,
-                             n_boot=cfg.n_bootstrap, seed=cfg.seed, bf16=cfg.bf16, calibration=calibration)
-    forgetting = measure_forgetting(base, model, ds, device, max_rows=cfg.max_eval_rows, seed=cfg.seed, bf16=cfg.bf16)
-    metrics = {
-        "split": "test",
-        "vertical": req.vertical,
-        "backbone": cfg.model.backbone,
-        "size": cfg.model.size,
-        "lora": cfg.lora.enabled,
-        "dataset": str(dataset_dir),
-        "subjects": ds.manifest.get("subjects"),
-        "tasks": results,
-        "wall_seconds": round(time.perf_counter() - t0, 1),
-        "kit_version": __version__,
-        "data": data_summary(ds),
-        "forgetting": forgetting,
-    }
-    tasks_meta = {name: t for name, t in ds.manifest["tasks"].items() if name in {s.name for s in tasks}}
-    bundle_dir = write_bundle(
-        req.workdir / "bundle",
-        vertical=req.vertical,
-        model=model.cpu(),
-        tokenizer_file=dataset_dir / "tokenizer.json",
-        tasks={"tasks": tasks_meta, "max_len": ds.manifest.get("max_len"), "vocab_size": ds.vocab_size},
-        metrics=metrics,
-        train_config_yaml=train_config_yaml(cfg),
-        extra_texts={"calibration.json": json.dumps(calibration, indent=1), **render_report(metrics, calibration)},
-        model_card=model_card_markdown(metrics, calibration),
-    )
-    bundle_file = pack_bundle(bundle_dir, req.workdir / f"{req.vertical}.kitbundle")
-    return FinetuneResult(req.workdir, bundle_dir, bundle_file, metrics)
+    initial = req.workdir / "finetune" / INITIAL_WEIGHTS
+    start = load_state(initial) if initial.is_file() else (start_state(base) if isinstance(base, KitModel) else None)
+    info = {"vertical": req.vertical, "backbone": cfg.model.backbone, "size": cfg.model.size, "lora": cfg.lora.enabled,
+            "dataset": str(dataset_dir)}
+    done = finish_bundle(vertical=req.vertical, model=model, ds=ds, dataset_dir=dataset_dir, cfg=cfg, start=start,
+                         pretrained=base is not None, target_dir=req.workdir / "bundle",
+                         packed=req.workdir / f"{req.vertical}.kitbundle", work=req.workdir, info=info, t0=t0,
+                         say=say)
+    return FinetuneResult(req.workdir, done.bundle_dir, done.bundle_file, done.metrics)

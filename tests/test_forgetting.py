@@ -1,0 +1,172 @@
+"""What finetuning cost and whether the task cocktail helped: held-out tasks (--hold-out-task), LiNeS search stored in
+the bundle (--lines, kit lines), and multitask versus single-task (kit evaluate --compare), on the session's tiny bundle
+(tests/conftest.py: tiny_clinical_bundle, trained with --hold-out-task readmission_30d and a 3-point --lines grid)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kit.bundle import open_bundle, write_manifest
+from kit.errors import KitError
+from kit.eval.forgetting import probe_scores
+from kit.eval.metrics import metric_fn
+from kit.eval.scoring import targets_array
+from kit.train.config import load_train_config
+from kit.train.data import load_dataset
+from kit.train.finetune import training_tasks
+from kit.train.lines import apply_lines, lines_scale, load_state, model_state
+
+REPO = Path(__file__).resolve().parents[1]
+HELD_OUT = "readmission_30d"
+
+
+def _kit(*args, cache: Path):
+    env = {**os.environ, "KIT_CACHE_DIR": str(cache), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "kit", *args], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=300, check=False)
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_clinical_bundle):
+    return open_bundle(tiny_clinical_bundle)
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_clinical_bundle):
+    return load_dataset(tiny_clinical_bundle.parent / "dataset")
+
+
+def test_held_out_task_gets_no_head_and_the_same_probe_before_and_after(bundle, dataset):
+    assert HELD_OUT not in bundle.tasks["tasks"]
+    model = bundle.load_model()
+    assert HELD_OUT not in {t.name for t in model.config.tasks}
+    held = bundle.read_json("metrics.json")["forgetting"]["held_out_tasks"][HELD_OUT]
+    assert held["n_test"] == len(dataset.splits["test"][HELD_OUT].rows) > 0
+    # The recorded numbers are the probe on the starting weights (before) and on the shipped model (after).
+    kind = held["type"]
+    y = targets_array(kind, dataset.splits["test"][HELD_OUT].rows)
+    fn = metric_fn(kind, held["metric"])
+    after, _ = probe_scores(model, dataset, HELD_OUT, kind, torch.device("cpu"), seed=0, bf16=False)
+    apply_lines(model, load_state(bundle.path("lines/base.safetensors")), model_state(model), 0.0, 0.0)
+    before, _ = probe_scores(model, dataset, HELD_OUT, kind, torch.device("cpu"), seed=0, bf16=False)
+    assert json.dumps([fn(y, before), fn(y, after)]) == json.dumps([held["before"], held["after"]])  # NaN-safe
+    if not np.isnan(held["before"]) and not np.isnan(held["after"]):
+        assert held["change"] == pytest.approx(held["after"] - held["before"])
+    md = (bundle.root / "report" / "report.md").read_text()
+    assert f"{HELD_OUT} {held['metric'].upper()} (held out, probe" in md
+
+
+def test_hold_out_and_single_task_mistakes_are_clear_errors(dataset):
+    def tasks(*sets):
+        return training_tasks(dataset, load_train_config(overrides=list(sets)))
+
+    assert HELD_OUT not in {t.name for t in tasks(f"finetune.hold_out_tasks=[{HELD_OUT}]")}
+    with pytest.raises(KitError, match="unknown or unsupervised task"):
+        tasks("finetune.hold_out_tasks=[no_such_task]")
+    with pytest.raises(KitError, match="both finetuned and held out"):
+        tasks("finetune.tasks=[mortality_1y]", "finetune.hold_out_tasks=[mortality_1y]")
+
+
+def test_lines_choice_is_what_the_bundle_ships(bundle):
+    lines = bundle.read_json("metrics.json")["lines"]
+    assert {(p["alpha"], p["beta"]) for p in lines["curve"]} == {(0.5, 0.0), (0.5, 0.5), (1.0, 0.0)}
+    chosen = lines["curve"][lines["chosen"]]
+    meta = bundle.read_json("lines/lines.json")
+    assert (meta["alpha"], meta["beta"]) == (chosen["alpha"], chosen["beta"]) == (lines["alpha"], lines["beta"])
+    base = load_state(bundle.path("lines/base.safetensors"))
+    shipped = model_state(bundle.load_model())
+    finetuned = load_state(bundle.path(meta["finetuned"])) if meta["finetuned"] != "model.safetensors" else shipped
+    if meta["finetuned"] == "model.safetensors":
+        assert (meta["alpha"], meta["beta"]) == (1.0, 0.0)
+    expected = lines_scale(base, finetuned, meta["alpha"], meta["beta"])
+    assert all(torch.equal(shipped[k], expected[k]) for k in shipped)
+    assert not any(k.startswith("task_heads.") for k in base)
+    html = (bundle.root / "report" / "index.html").read_text()
+    assert "LiNeS trade-off" in html and html.count("data:image/png;base64,") >= 3
+
+
+def test_kit_lines_rescales_a_packed_bundle_into_a_new_one(tiny_clinical_bundle, tmp_path):
+    packed = tiny_clinical_bundle.parent / "clinical.kitbundle"
+    out = tmp_path / "relined"
+    proc = _kit("lines", "--bundle", str(packed), "--out", str(out), "--set", "lines.alphas=[0.0,1.0]",
+                "--set", "lines.betas=[0.0]", "--set", "n_bootstrap=5", cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LiNeS on validation" in proc.stdout and "chosen" in proc.stdout
+    new = open_bundle(out.parent / "relined.kitbundle", cache_dir=tmp_path / "cache")  # verified
+    curve = {(p["alpha"], p["beta"]): p for p in new.read_json("metrics.json")["lines"]["curve"]}
+    assert set(curve) == {(0.0, 0.0), (1.0, 0.0)}
+    assert curve[(0.0, 0.0)]["forgetting"] == 0.0  # alpha=beta=0 is exactly the base: no next-event change
+    assert new.manifest["files"]["lines/base.safetensors"] == open_bundle(tiny_clinical_bundle).manifest["files"]["lines/base.safetensors"]
+    assert "rescaled_from" in new.read_json("metrics.json")
+
+
+def test_kit_lines_refuses_a_bundle_without_base_weights(tiny_clinical_bundle, tmp_path):
+    copy = tmp_path / "nobase"
+    shutil.copytree(tiny_clinical_bundle, copy)
+    shutil.rmtree(copy / "lines")
+    write_manifest(copy, vertical="clinical")
+    proc = _kit("lines", "--bundle", str(copy), cache=tmp_path / "cache")
+    assert proc.returncode == 2 and "holds no lines/base.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "nobase-lines").exists()
+
+
+@pytest.fixture(scope="module")
+def single_task_bundle(tiny_clinical_bundle, tmp_path_factory) -> Path:
+    """`kit finetune --single-task next_encounter_type_90d --hold-out-task readmission_30d` on the shared bundle's
+    dataset (so the same tokenizer), through the real CLI."""
+    tmp = tmp_path_factory.mktemp("single")
+    args = ["finetune", "--vertical", "clinical", "--data", str(tiny_clinical_bundle.parent / "dataset"),
+            "--workdir", str(tmp / "run"), "--single-task", "next_encounter_type_90d", "--hold-out-task", HELD_OUT]
+    for s in ["device=cpu", "model.size=tiny", "pretrain.steps=0", "finetune.steps=2", "finetune.eval_every=2",
+              "finetune.optim.batch_size=4", "n_bootstrap=5", "max_eval_rows=32", "lines.store_base=false"]:
+        args += ["--set", s]
+    proc = _kit(*args, cache=tmp / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out tasks" in proc.stdout and HELD_OUT in proc.stdout
+    return tmp / "run" / "bundle"
+
+
+def test_multitask_versus_single_task_is_paired_on_the_same_rows(tiny_clinical_bundle, single_task_bundle, tmp_path):
+    assert not (single_task_bundle / "lines").exists()  # lines.store_base=false: no base weights kept
+    single = json.loads((single_task_bundle / "metrics.json").read_text())
+    assert set(single["tasks"]) == {"next_encounter_type_90d"} and HELD_OUT in single["forgetting"]["held_out_tasks"]
+    assert "untrained initial weights" in single["forgetting"]["held_out_tasks"][HELD_OUT].get("note", "") or \
+        "not measured" in single["forgetting"]["held_out_tasks"][HELD_OUT].get("note", "")
+    out = tmp_path / "eval"
+    proc = _kit("evaluate", "--bundle", str(tiny_clinical_bundle), "--data", str(tiny_clinical_bundle.parent / "dataset"),
+                "--out", str(out), "--n-bootstrap", "20", "--compare", str(single_task_bundle), cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "multitask (3 tasks) vs single-task (next_encounter_type_90d)" in proc.stdout
+    comparison = json.loads((out / "metrics.json").read_text())["comparison"]
+    assert comparison["paired"] and set(comparison["tasks"]) == {"next_encounter_type_90d"}
+    t = comparison["tasks"]["next_encounter_type_90d"]
+    mine = json.loads((out / "metrics.json").read_text())["tasks"]["next_encounter_type_90d"]["model"]["auroc"]
+    assert t["this"]["value"] == mine["value"] and t["n"] == mine["n"]
+    if not np.isnan(t["this"]["value"]) and not np.isnan(t["other"]["value"]):
+        assert t["difference"]["value"] == pytest.approx(t["this"]["value"] - t["other"]["value"])
+    assert "task cocktail" in comparison["note"]
+    html = (out / "report" / "index.html").read_text()
+    assert 'id="comparison"' in html and "single-task (next_encounter_type_90d)" in html
+    assert "## Comparison" in (out / "report" / "report.md").read_text()
+
+
+def test_compare_with_a_metrics_file_is_unpaired(tiny_clinical_bundle, single_task_bundle, tmp_path):
+    from kit.eval.bundle_eval import evaluate_bundle
+
+    got = evaluate_bundle(tiny_clinical_bundle, tiny_clinical_bundle.parent / "dataset", tmp_path / "eval", n_boot=5,
+                          compare=single_task_bundle / "metrics.json")
+    c = got["comparison"]
+    assert not c["paired"] and "unpaired" in c["note"] and c["other_label"] == "single-task (next_encounter_type_90d)"
+    assert c["tasks"]["next_encounter_type_90d"]["difference"]["ci95"] == [None, None]
+    with pytest.raises(KitError, match="no per-task metrics"):
+        bad = tmp_path / "bad.json"
+        bad.write_text("{}")
+        evaluate_bundle(tiny_clinical_bundle, tiny_clinical_bundle.parent / "dataset", tmp_path / "eval2", n_boot=5,
+                        compare=bad)
