@@ -74,13 +74,16 @@ def test_cpu_takes_non_contiguous_inputs(scan_cpu):
     check_against_reference(scan_cpu, ScanCase(2, 8, 70, 4, groups=2), torch.float64, transposed=True)
 
 
+@pytest.mark.parametrize("case", [ScanCase(3, 10, 90, 16, groups=2), ScanCase(1, 64, 90, 16)], ids=str)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_cpu_is_the_same_with_more_threads(scan_cpu, threads):
-    # dB/dC/dA are summed from per-thread partial buffers: still within tolerance, and repeatable.
+def test_cpu_is_the_same_with_more_threads(scan_cpu, threads, case):
+    # dA/dD/delta_bias are summed from per-row partials, and with fewer (batch, group) rows than threads (the
+    # second case) a row's channel blocks are split over threads and dB/dC summed from per-part buffers:
+    # still within tolerance, and repeatable.
     torch.set_num_threads(threads)
     try:
-        check_against_reference(scan_cpu, ScanCase(3, 10, 90, 16, groups=2), torch.float32)
-        x = make_scan_inputs(ScanCase(3, 10, 90, 16, groups=2), torch.float32)
+        check_against_reference(scan_cpu, case, torch.float32)
+        x = make_scan_inputs(case, torch.float32)
         runs = []
         for _ in range(2):
             y = scan_cpu(x["u"], x["delta"], x["A"], x["B"], x["C"], D=x["D"], z=x["z"], delta_bias=x["delta_bias"],
@@ -141,3 +144,27 @@ def test_auto_falls_back_to_chunked_when_the_build_fails(monkeypatch):
     u = torch.zeros(1, 2, 3)
     with pytest.raises(KitError, match="could not be built.*impl='chunked'"):
         selective_scan(u, u, torch.zeros(2, 1), torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), impl="cpu")
+
+
+def test_native_build_is_keyed_by_flags_and_cpu_features(monkeypatch):
+    # A home directory shared between machines must never load a binary built for another CPU's instruction set.
+    import kit.kernels.scan_cpu as scan_cpu_module
+
+    monkeypatch.delenv(scan_cpu_module.PORTABLE_ENV, raising=False)
+    monkeypatch.setattr(scan_cpu_module.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(scan_cpu_module, "cpu_features", lambda: "sse2 avx avx2 fma avx512f")
+    name_a, flags = scan_cpu_module.build_config()
+    assert "-march=native" in flags and "-ffp-contract=fast" in flags
+    monkeypatch.setattr(scan_cpu_module, "cpu_features", lambda: "sse2 avx avx2 fma")
+    name_b, _ = scan_cpu_module.build_config()
+    assert name_a != name_b and name_a.startswith("kit_selective_scan_cpu_native_")
+    monkeypatch.setenv(scan_cpu_module.PORTABLE_ENV, "1")
+    name_p, flags_p = scan_cpu_module.build_config()
+    assert name_p == "kit_selective_scan_cpu_portable" and not any("native" in f for f in flags_p)
+
+
+def test_build_info_names_the_instruction_set(scan_cpu):
+    from kit.kernels.scan_cpu import build_info
+
+    info = build_info()
+    assert info["vector_bytes"] in (16, 32, 64) and info["isa"] and info["name"].startswith("kit_selective_scan_cpu_")

@@ -1,15 +1,27 @@
 """Fused selective scan on CPU: a C++ extension (csrc/selective_scan_cpu.cpp) compiled on first use.
 
-One task per (batch, channel) pair keeps its N-float state in registers/L1 and walks the sequence once; the
-backward recomputes each 64-step chunk's states from the saved chunk-start states and runs the adjoint in
-reverse time. Threads come from ``torch.get_num_threads()``. The build needs a C++ compiler and ``ninja``;
+The kernel vectorises across channels (one SIMD vector = 16 fp32 channels with AVX-512, 8 with AVX2), keeps the N
+states of a channel block in registers and walks the sequence once; softplus(delta + delta_bias), the D skip and the
+SiLU(z) gate are fused into its forward and backward. The backward recomputes each 64-step chunk's states from the
+saved chunk-start states and runs the adjoint in reverse time. Inputs are read time-major, (batch, length, channels),
+the layout a Mamba block's projections produce, so most of them need no copy. Threads come from
+``torch.get_num_threads()``.
+
+Build: ``-march=native`` (x86-64) or ``-mcpu=native`` (aarch64) with FMA contraction, cached under a name keyed by
+the flags and a hash of this CPU's feature flags, so a home directory shared between machines never loads a binary
+built for another CPU. ``KIT_CPU_SCAN_PORTABLE=1`` builds the baseline-ISA version instead (SSE2/NEON, no FMA).
+Results are deterministic on one machine and build (any thread count >= the number of (batch, group) rows gives the
+same bits), but not bitwise equal between the native and portable builds or across CPUs: FMA contraction and the
+vector width change the rounding (differences of a few fp32 ulp). The build needs a C++ compiler and ``ninja``;
 ``extension_available()`` tries it once and remembers a failure so ``auto`` can fall back to ``chunked``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 import shutil
 import threading
 from pathlib import Path
@@ -21,22 +33,57 @@ from kit.errors import KitError
 from kit.kernels._inputs import check_scan_shapes, compute_dtype
 
 CHUNK = 64
+PORTABLE_ENV = "KIT_CPU_SCAN_PORTABLE"
 _SOURCE = Path(__file__).parent / "csrc" / "selective_scan_cpu.cpp"
 _LOCK = threading.Lock()
 _EXT = None
 _BUILD_ERROR: str | None = None
+_BUILD: dict[str, object] = {}
 log = logging.getLogger(__name__)
+# -fno-trapping-math changes no result (nobody reads the FP exception flags; it lets GCC vectorise the clamps);
+# -fopenmp makes at::parallel_for use torch's thread pool.
+BASE_FLAGS = ["-O3", "-fno-trapping-math", "-fopenmp"]
 
 
-def _build():
+def cpu_features() -> str:
+    """This CPU's feature flags (x86 ``flags`` / arm ``Features`` of /proc/cpuinfo), or the platform's names."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key = line.split(":", 1)[0].strip()
+            if key in ("flags", "Features"):
+                return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def build_config(portable: bool | None = None) -> tuple[str, list[str]]:
+    """(extension name, compiler flags): native SIMD unless ``KIT_CPU_SCAN_PORTABLE`` is set or the arch is unknown."""
+    if portable is None:
+        portable = os.environ.get(PORTABLE_ENV, "").strip().lower() in ("1", "true", "yes")
+    arch = platform.machine().lower()
+    native = {"x86_64": "-march=native", "amd64": "-march=native", "aarch64": "-mcpu=native", "arm64": "-mcpu=native"}
+    if portable or arch not in native:
+        return "kit_selective_scan_cpu_portable", list(BASE_FLAGS)
+    # FMA contraction (off by default under -std=c++NN): faster and more accurate, machine-dependent rounding.
+    flags = [*BASE_FLAGS, native[arch], "-ffp-contract=fast"]
+    key = hashlib.sha256((" ".join(flags) + "|" + cpu_features()).encode()).hexdigest()[:12]
+    return f"kit_selective_scan_cpu_native_{key}", flags
+
+
+def _build(portable: bool | None = None):
     from torch.utils.cpp_extension import load
 
-    # -O3 without -march=native or -ffast-math: the build runs on any x86-64/aarch64 and results do not depend
-    # on the build machine. -fno-trapping-math changes no result (it lets GCC vectorize the clamped exp, since
-    # nobody reads the FP exception flags); -fopenmp makes at::parallel_for use torch's thread pool.
-    flags = ["-O3", "-fno-trapping-math", "-fopenmp"]
-    return load(name="kit_selective_scan_cpu", sources=[str(_SOURCE)], extra_cflags=flags,
-                extra_ldflags=["-fopenmp"], verbose=False)
+    name, flags = build_config(portable)
+    ext = load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+    _BUILD.update(name=name, flags=flags)
+    return ext
+
+
+def build_info() -> dict[str, object]:
+    """Name, flags and target ISA of the loaded extension (for benchmarks and bug reports)."""
+    ext = load_extension()
+    return {**_BUILD, "isa": ext.isa(), "vector_bytes": ext.vector_bytes()}
 
 
 def load_extension():
@@ -47,7 +94,13 @@ def load_extension():
             try:
                 if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
                     raise RuntimeError("no C++ compiler on PATH")
-                _EXT = _build()
+                try:
+                    _EXT = _build()
+                except Exception as exc:  # e.g. a compiler without -march=native: the portable build may still work
+                    if build_config()[0].endswith("_portable"):
+                        raise
+                    log.warning("the native CPU selective-scan build failed (%s); trying the portable one", exc)
+                    _EXT = _build(portable=True)
             except Exception as exc:  # a compiler, ninja or header problem: report it once, then fall back
                 _BUILD_ERROR = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
                 log.warning("the CPU selective-scan extension did not build (%s); using the chunked PyTorch scan",
@@ -68,24 +121,50 @@ def extension_available() -> bool:
 
 
 class CpuScan(torch.autograd.Function):
-    """u, delta (B, D, L); A (D, N); Bt, Ct (B, G, L, N); h0 (B, D, N) or None -> y (B, D, L), last (B, D, N)."""
+    """Time-major: u, delta, z (B, L, D'); A (D', N); Bt, Ct (B, G, L, N); D, bias (D',); h0 (B, D', N) or None
+    (D' = channels padded per group to the SIMD width) -> y (B, L, D'), last (B, D', N). Returns every input's grad."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, Bt, Ct, h0):
+    def forward(ctx, u, delta, A, Bt, Ct, D, z, bias, h0, softplus):
         ext = load_extension()
-        y, last, starts = ext.forward(u, delta, A, Bt, Ct, h0, CHUNK)
-        ctx.save_for_backward(u, delta, A, Bt, Ct, starts)
-        ctx.has_h0 = h0 is not None
+        y, last, starts = ext.forward(u, delta, A, Bt, Ct, D, z, bias, h0, softplus, CHUNK)
+        ctx.save_for_backward(u, delta, A, Bt, Ct, D, z, bias, starts)
+        ctx.softplus, ctx.has_h0 = softplus, h0 is not None
         return y, last
 
     @staticmethod
     def backward(ctx, dy, dlast):
-        u, delta, A, Bt, Ct, starts = ctx.saved_tensors
-        dy = torch.zeros_like(u) if dy is None else dy.to(u.dtype).contiguous()
+        u, delta, A, Bt, Ct, D, z, bias, starts = ctx.saved_tensors
+        dy = torch.zeros_like(u, memory_format=torch.contiguous_format) if dy is None else dy.to(u.dtype).contiguous()
         dlast = None if dlast is None else dlast.to(u.dtype).contiguous()
-        grads = load_extension().backward(u, delta, A, Bt, Ct, starts, dy, dlast, ctx.has_h0, CHUNK)
-        du, ddelta, dA, dB, dC = grads[:5]
-        return du, ddelta, dA, dB, dC, (grads[5] if ctx.has_h0 else None)
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = load_extension().backward(
+            u, delta, A, Bt, Ct, D, z, bias, ctx.softplus, starts, dy, dlast, ctx.has_h0, CHUNK)
+        # Per-batch-row partials (and per-part dB/dC when rows < threads), summed in a fixed order.
+        dA = dA.sum(0).t()
+        dB = dB[0] if dB.shape[0] == 1 else dB.sum(0)
+        dC = dC[0] if dC.shape[0] == 1 else dC.sum(0)
+        dD = None if dD is None else dD.sum(0)
+        dbias = None if dbias is None else dbias.sum(0)
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None
+
+
+def _pad_channels(x: torch.Tensor, groups: int, hpad: int) -> torch.Tensor:
+    """Pad the last (channel) axis per group from dim/groups to hpad channels with zeros."""
+    hdim = x.shape[-1] // groups
+    if hdim == hpad:
+        return x
+    return F.pad(x.unflatten(-1, (groups, hdim)), (0, hpad - hdim)).flatten(-2)
+
+
+def _unpad_channels(x: torch.Tensor, groups: int, hdim: int) -> torch.Tensor:
+    hpad = x.shape[-1] // groups
+    if hdim == hpad:
+        return x
+    return x.unflatten(-1, (groups, hpad))[..., :hdim].flatten(-2)
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def selective_scan_cpu(
@@ -101,24 +180,35 @@ def selective_scan_cpu(
     initial_state: torch.Tensor | None = None,
     return_last_state: bool = False,
 ):
-    """Same contract as ``selective_scan``; CPU tensors only. fp16/bf16 inputs are scanned in fp32."""
+    """Same contract as ``selective_scan``; CPU tensors only. fp16/bf16 inputs are scanned in fp32.
+
+    Fastest when u, delta and z are time-major in memory (transposed views of (B, L, D) tensors, as a Mamba
+    block makes them) and B, C are views with a unit state stride: then nothing is copied.
+    """
     batch, dim, length, dstate, groups = check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if u.device.type != "cpu":
         raise KitError(f"impl='cpu' needs CPU tensors, got {u.device}; use impl='triton' or 'chunked' on GPU")
+    ext = load_extension()
     dtype_in, ct = u.dtype, compute_dtype(u)
-    u_c, delta_c = u.to(ct), delta.to(ct)
-    if delta_bias is not None:
-        delta_c = delta_c + delta_bias.to(ct)[:, None]
-    if delta_softplus:
-        delta_c = F.softplus(delta_c)  # threshold 20, as torch and mamba-ssm do
-    # Time-major B/C so the kernel's inner loop over the state is unit-stride.
-    Bt = (B if B.dim() == 4 else B.unsqueeze(1)).to(ct).transpose(-1, -2).contiguous()
-    Ct = (C if C.dim() == 4 else C.unsqueeze(1)).to(ct).transpose(-1, -2).contiguous()
-    h0 = None if initial_state is None else initial_state.to(ct).contiguous()
-    y, last = CpuScan.apply(u_c.contiguous(), delta_c.contiguous(), A.to(ct).contiguous(), Bt, Ct, h0)
-    if D is not None:
-        y = y + u_c * D.to(ct)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(ct))
-    out = y.to(dtype_in)
-    return (out, last) if return_last_state else out
+    lanes = ext.vector_bytes() // torch.empty((), dtype=ct).element_size()
+    hdim = dim // groups
+    hpad = -(-hdim // lanes) * lanes
+
+    def time_major(x):  # (B, D, L) -> (B, L, D') with unit channel stride
+        return _unit_last(_pad_channels(x.to(ct).transpose(1, 2), groups, hpad))
+
+    def channels(x):  # (D,) -> (D',)
+        return None if x is None else _pad_channels(x.to(ct), groups, hpad).contiguous()
+
+    Bt = _unit_last((B if B.dim() == 4 else B.unsqueeze(1)).to(ct).transpose(-1, -2))
+    Ct = _unit_last((C if C.dim() == 4 else C.unsqueeze(1)).to(ct).transpose(-1, -2))
+    A_p = _pad_channels(A.to(ct).t(), groups, hpad).t().contiguous()
+    h0 = None
+    if initial_state is not None:
+        h0 = _pad_channels(initial_state.to(ct).transpose(1, 2), groups, hpad).transpose(1, 2).contiguous()
+    y, last = CpuScan.apply(time_major(u), time_major(delta), A_p, Bt, Ct, channels(D),
+                            None if z is None else time_major(z), channels(delta_bias), h0, bool(delta_softplus))
+    out = _unpad_channels(y, groups, hdim).transpose(1, 2).to(dtype_in)
+    if not return_last_state:
+        return out
+    return out, _unpad_channels(last.transpose(1, 2), groups, hdim).transpose(1, 2)

@@ -147,8 +147,11 @@ class MambaMixer(nn.Module):
         if mask is not None:
             hidden = hidden * mask  # padded positions feed zeros, as transformers does
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (B, D, L) each
-        # A compact gate: the scan saves z for backward, and a view would keep all of in_proj's output alive.
-        z = z.contiguous()
+        impl = kernels.resolve_impl(self.scan_impl, hidden.device)
+        if impl != "cpu":
+            # A compact gate: the scan saves z for backward, and a view would keep all of in_proj's output alive.
+            # The fused CPU scan reads z time-major, i.e. straight from this view (a copy would cost the same memory).
+            z = z.contiguous()
 
         conv = kernels.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
                                      initial_state=conv_state, return_final_state=return_state)
@@ -163,7 +166,7 @@ class MambaMixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         result = kernels.selective_scan(
             x, delta, A, b.transpose(1, 2), c.transpose(1, 2), D=self.D.float(), z=z,
-            delta_softplus=True, initial_state=ssm_state, return_last_state=return_state, impl=self.scan_impl,
+            delta_softplus=True, initial_state=ssm_state, return_last_state=return_state, impl=impl,
         )
         y, new_ssm_state = result if return_state else (result, None)
         if not torch.is_autocast_enabled(y.device.type):  # under autocast the linear picks its own dtype
