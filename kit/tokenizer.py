@@ -12,8 +12,10 @@ A subject's sequence reads
 - Tokens seen fewer than `min_count` times in the train split are `[UNK]` (a bin token first falls back to its code).
 
 Every token carries a time: the event's, a visit's start/end, and the subject's birth (or first event, if earlier) for
-`[CLS]` and the timeless static tokens (sex, race), which are known from birth. So "features strictly before the
-prediction time" is one comparison on the time column, and a leakage check can test every token.
+`[CLS]` and the timeless static tokens (sex, race; a numeric one gets its bin token like a timed value), which are
+known from birth (a subject with no birth and no timed event, a row of a static table, is anchored at 1900-01-01).
+So "features strictly before the prediction time" is one comparison on the time column, and a leakage check can test
+every token.
 
 The tokenizer is a JSON file; `Tokenizer.load(path)` gives back the identical encoder used at prediction time.
 """
@@ -21,6 +23,7 @@ The tokenizer is a JSON file; `Tokenizer.load(path)` gives back the identical en
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,8 @@ TYPE_NAMES = {v: k for k, v in TOKEN_TYPES.items()}
 _RANK_PREFIX, _RANK_INTERVAL, _RANK_VS, _RANK_START, _RANK_EVENT, _RANK_VE = 0, 1, 2, 3, 4, 5
 _US_PER_YEAR = 365.25 * 86400 * 1e6
 _US_PER_DAY = 86400 * 1e6
+# Where the static tokens of a subject with no timed event and no birth sit (any prediction time is after it).
+STATIC_ANCHOR = datetime(1900, 1, 1)
 
 
 class TokenizerConfig(BaseModel):
@@ -105,10 +110,14 @@ def _value_cuts_frame(value_bins: dict[str, list[float]]) -> pl.DataFrame:
     ).sort("cut")
 
 
-def event_token_strings(events: pl.LazyFrame, config: TokenizerConfig, value_bins: dict[str, list[float]]) -> pl.LazyFrame:
-    """Timed, kept events with their token string (`token`) and token type; the visit end codes are dropped."""
+def event_token_strings(
+    events: pl.LazyFrame, config: TokenizerConfig, value_bins: dict[str, list[float]], *, static: bool = False
+) -> pl.LazyFrame:
+    """Timed (or, with `static`, timeless) kept events with their token string (`token`) and token type; the visit
+    end codes are dropped. A timeless numeric attribute (a credit limit, an age in a table) gets its bin token too."""
+    when = pl.col("time").is_null() if static else pl.col("time").is_not_null()
     ev = (
-        events.filter(pl.col("time").is_not_null() & _drop_expr(config))
+        events.filter(when & _drop_expr(config))
         .filter(~pl.col("code").str.contains(config.visit_end_pattern))
         .with_columns(pl.col("numeric_value").cast(pl.Float64).alias("_value"), pl.int_range(pl.len()).alias("_row"))
     )
@@ -157,7 +166,7 @@ class Tokenizer:
     def fit(cls, train_events: pl.LazyFrame, config: TokenizerConfig, extra_tokens: list[str] = ()) -> Tokenizer:
         """Fit value bins and the vocabulary on the train split's events only."""
         numeric = (
-            train_events.filter(pl.col("time").is_not_null() & pl.col("numeric_value").is_not_null() & _drop_expr(config))
+            train_events.filter(pl.col("numeric_value").is_not_null() & _drop_expr(config))
             .group_by("code")
             .agg(
                 pl.len().alias("n"),
@@ -181,7 +190,7 @@ class Tokenizer:
             .collect()
         )
         static = (
-            train_events.filter(pl.col("time").is_null()).group_by(pl.col("code").alias("token")).agg(pl.len().alias("n"))
+            event_token_strings(train_events, config, value_bins, static=True).group_by("token").agg(pl.len().alias("n"))
         ).collect()
         # A numeric code's plain token is the fallback for its rare bins, so it counts every value of the code.
         bases = (
@@ -250,12 +259,12 @@ class Tokenizer:
             .with_columns(pl.int_range(1, pl.len() + 1).over("subject_id").cast(pl.Int32).alias("visit"))
             .with_columns(pl.col("end").cum_max().shift(1).over("subject_id").alias("_prev_end"))
         )
+        # A subject with neither a timed event nor a birth (a row of a static table) is anchored at STATIC_ANCHOR.
         anchor = (
-            ev.filter(pl.col("time").is_not_null())
-            .group_by("subject_id")
+            ev.group_by("subject_id")
             .agg(pl.col("time").min().alias("_first"))
             .join(subj, on="subject_id", how="left")
-            .with_columns(pl.min_horizontal("_first", "birth_time").alias("_anchor"))
+            .with_columns(pl.min_horizontal("_first", "birth_time").fill_null(STATIC_ANCHOR).alias("_anchor"))
             .select("subject_id", "_anchor", "birth_time")
         )
         cols = ["subject_id", "time", "_rank", "visit", "_seq", "token", "type"]
@@ -289,12 +298,11 @@ class Tokenizer:
             pl.lit(-1).alias("_seq"), pl.lit(CLS).alias("token"), pl.lit(TOKEN_TYPES["special"]).alias("type"),
         )
         static = (
-            ev.filter(pl.col("time").is_null())
-            .with_columns(pl.int_range(pl.len()).alias("_seq"))
+            event_token_strings(ev, cfg, self.value_bins, static=True)
             .join(anchor, on="subject_id", how="inner")
             .select(
                 "subject_id", pl.col("_anchor").alias("time"), pl.lit(_RANK_PREFIX).alias("_rank"),
-                pl.lit(0).alias("visit"), "_seq", pl.col("code").alias("token"),
+                pl.lit(0).alias("visit"), pl.col("_row").alias("_seq"), "token",
                 pl.lit(TOKEN_TYPES["static"]).alias("type"),
             )
         )

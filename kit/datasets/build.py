@@ -195,6 +195,15 @@ def _events_version(events_dir: Path) -> str | None:
         return None
 
 
+def _tokenizer_config(config: DatasetConfig, vertical: Any):
+    """The build's tokenizer config, dropping the codes the vertical declares as targets (`target_code_prefixes`,
+    e.g. finance `LABEL/`) whatever the user's drop list says: a target must never be an input."""
+    targets = [p for p in getattr(vertical, "target_code_prefixes", ()) if p not in config.tokenizer.drop_code_prefixes]
+    if not targets:
+        return config.tokenizer
+    return config.tokenizer.model_copy(update={"drop_code_prefixes": [*config.tokenizer.drop_code_prefixes, *targets]})
+
+
 def is_up_to_date(out_dir: Path | str, events_dir: Path | str, vertical_name: str, config: DatasetConfig) -> bool:
     """True when `out_dir` holds a dataset built from this event store version with this config and these task specs."""
     try:
@@ -269,7 +278,7 @@ def build_dataset(
     if tokenizer_file is not None:
         tokenizer = Tokenizer.load(tokenizer_file)
     else:
-        tokenizer = Tokenizer.fit(train_events, config.tokenizer, extra_tokens=[i.task_token for i in infos])
+        tokenizer = Tokenizer.fit(train_events, _tokenizer_config(config, vertical), extra_tokens=[i.task_token for i in infos])
     max_len = config.tokenizer.max_len
 
     counts = {i.name: {s: _empty_counts() for s in SPLITS} for i in infos}
@@ -360,6 +369,7 @@ def build_dataset(
                     "class_descriptions": i.class_descriptions,
                     "num_outputs": (len(i.classes) if i.classes else (tokenizer.vocab_size if i.type == "forecast" else 1)),
                     "sample_weight": i.sample_weight,
+                    "baselines": list(i.baselines),
                     "sampling_weight": weights[i.name],
                     "spec": i.spec,
                     "counts": final[i.name],

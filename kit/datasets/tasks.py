@@ -19,6 +19,7 @@ class TaskInfo:
     class_descriptions: list[str] | None = None
     sample_weight: str = "uniform"  # uniform | inverse_subject_samples
     forecast_events: int | None = None  # forecast tasks: how many next tokens are the target
+    baselines: tuple[str, ...] = ("logistic",)  # classical baselines evaluation reports beside the model (kit.eval.baseline)
     spec: dict[str, Any] = field(default_factory=dict)
 
     @property
