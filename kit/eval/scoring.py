@@ -20,18 +20,28 @@ def scores_from_outputs(kind: str, raw: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def task_logits(model, rows: list[Row], task: str, device, *, batch_size: int = 64, bf16: bool = True) -> torch.Tensor:
-    """Raw head outputs (logits) for one task's rows, (n, K), fp32 on CPU."""
+def row_logits(model, rows: list[Row], device, *, batch_size: int = 64, bf16: bool = True,
+               task: str | None = None) -> list[torch.Tensor]:
+    """Each row's task head output (its logits, (K,) fp32 on CPU): the head of `task`, or of each row's own task, so
+    rows of several tasks can share a batch (the Predictor scores all of a subject's tasks in one pass)."""
     model.eval()
-    chunks = []
+    out_rows: list[torch.Tensor] = []
     for i in range(0, len(rows), batch_size):
-        batch = collate(rows[i : i + batch_size])
+        part = rows[i : i + batch_size]
+        batch = collate(part)
         with autocast(torch.device(device), bf16):
             out = model(**model_inputs(batch, device, used_inputs(model)), compute_lm_logits=False)
-        chunks.append(out.task_outputs[task].float().cpu())
-    if not chunks:
+        names = [task or r.task for r in part]
+        heads = {t: out.task_outputs[t].float().cpu() for t in set(names)}
+        out_rows.extend(heads[t][j] for j, t in enumerate(names))
+    return out_rows
+
+
+def task_logits(model, rows: list[Row], task: str, device, *, batch_size: int = 64, bf16: bool = True) -> torch.Tensor:
+    """Raw head outputs (logits) for one task's rows, (n, K), fp32 on CPU."""
+    if not rows:
         return torch.zeros(0, model.task_heads.heads[task].out_features)
-    return torch.cat(chunks)
+    return torch.stack(row_logits(model, rows, device, batch_size=batch_size, bf16=bf16, task=task))
 
 
 def targets_array(kind: str, rows: list[Row]) -> np.ndarray:
