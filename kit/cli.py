@@ -43,6 +43,8 @@ COMMAND_MODULES = [
     "kit.train.cli",
     "kit.bundle_cli",
     "kit.eval.cli",
+    "kit.predict.cli",
+    "kit.serve.cli",
 ]
 
 

@@ -40,6 +40,12 @@ class ClinicalVertical:
             print_summary(summary)
         return summary
 
+    def prediction_formats(self) -> dict[str, Any]:
+        """Wire formats for `kit predict` and `kit serve`: FHIR Bundles in, RiskAssessment out (the native one)."""
+        from connectors.fhir.predict import FhirFormat
+
+        return {"fhir": FhirFormat()}
+
     def task_names(self) -> list[str]:
         return list(_shipped())
 

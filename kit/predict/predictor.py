@@ -1,0 +1,392 @@
+"""`Predictor`: a verified bundle that scores subjects' records, on exactly the path training and evaluation use.
+
+    from kit import Predictor
+    p = Predictor.load("clinical.kitbundle")
+    for pred in p.predict("patient-bundle.json"):            # a FHIR Bundle: dict, JSON string or path
+        print(pred.subject, pred.task, pred.probability, pred.decision)
+
+Records -> events (the vertical's connector, in memory) -> the bundle's tokenizer (`Tokenizer.encode`, `windows`)
+-> dataset rows (`kit.train.data.rows_from_frame`) -> the model's task heads (`kit.eval.scoring.row_logits`, under `task_logits`) -> the
+bundle's calibration (`kit.eval.calibration.apply_task_calibration`) and threshold. Every step is the function the
+dataset build and `kit evaluate` call, so a test-split sample gets the probability `kit evaluate` computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import threading
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from kit import __version__
+from kit.bundle import MANIFEST, Bundle, open_bundle
+from kit.errors import KitError
+from kit.events import BIRTH_CODE, DEATH_CODE, SUBJECT_SCHEMA, is_event_store, read_subjects, scan_events
+from kit.predict.formats import BadInput, SubjectData, get_format
+
+SUPERVISED = ("binary", "multiclass", "multilabel", "regression")
+# Rows to predict carry no labels (the columns `make_row` reads, null).
+_NO_LABELS = (pl.lit(None, dtype=pl.Float32).alias("label"), pl.lit(None, dtype=pl.List(pl.Float32)).alias("labels"),
+              pl.lit(None, dtype=pl.List(pl.Float32)).alias("label_mask"), pl.lit(None, dtype=pl.Float32).alias("sample_weight"))
+# Token types an explanation names (codes, values, static facts); structure tokens ([VS], intervals) say little alone.
+_EXPLAINED_TYPES = (2, 6, 7)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One subject's prediction for one task at one time."""
+
+    subject: str  # the source's subject key (a FHIR Patient id)
+    subject_id: int
+    task: str
+    type: str  # binary | multiclass | multilabel | regression
+    as_of: datetime  # UTC; only events strictly before it are read
+    probability: float | None  # binary: calibrated probability of the outcome
+    scores: dict[str, float] | None  # multiclass / multilabel: calibrated probability per class
+    value: float | None  # regression
+    decision: bool | None  # binary: probability >= threshold
+    threshold: float | None
+    bundle: str
+    version: str
+    description: str = ""
+    top_events: tuple[dict[str, Any], ...] | None = None  # most influential input events, strongest first
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["as_of"] = self.as_of.replace(tzinfo=timezone.utc).isoformat().replace("+00:00", "Z")
+        d["top_events"] = list(self.top_events) if self.top_events is not None else None
+        return d
+
+
+def _utc(t: Any, what: str = "as_of") -> datetime:
+    if isinstance(t, str):
+        try:
+            t = datetime.fromisoformat(t.replace("Z", "+00:00"))
+        except ValueError:
+            raise BadInput(422, f"{what}: {t[:40]!r} is not an ISO 8601 date-time") from None
+    if isinstance(t, np.datetime64):
+        t = t.astype("datetime64[us]").astype(datetime)
+    if not isinstance(t, datetime):
+        raise BadInput(422, f"{what}: expected a datetime or an ISO 8601 string, got {type(t).__name__}")
+    if t.tzinfo is not None:
+        try:
+            t = t.astimezone(timezone.utc).replace(tzinfo=None)
+        except (OverflowError, ValueError):
+            raise BadInput(422, f"{what}: {t.isoformat()} is out of range") from None
+    return t
+
+
+def subjects_from_events(events: pl.DataFrame) -> pl.DataFrame:
+    """A subjects table for a bare MEDS event frame: birth and death from MEDS_BIRTH / MEDS_DEATH events."""
+    ids = events.select(pl.col("subject_id").unique().sort())
+    birth = events.filter(pl.col("code") == BIRTH_CODE).group_by("subject_id").agg(pl.col("time").min().alias("birth_time"))
+    death = events.filter(pl.col("code") == DEATH_CODE).group_by("subject_id").agg(pl.col("time").min().alias("death_time"))
+    return (ids.join(birth, on="subject_id", how="left").join(death, on="subject_id", how="left")
+            .with_columns(pl.col("subject_id").cast(pl.String).alias("source_subject_id"), pl.lit(None, pl.String).alias("sex"))
+            .select([pl.col(c).cast(t) for c, t in SUBJECT_SCHEMA.items()]))
+
+
+class Predictor:
+    """A loaded, verified bundle. Thread-safe: the model runs under a lock, everything else is per call."""
+
+    def __init__(self, bundle: Bundle, model, tokenizer, device, *, batch_size: int = 64) -> None:
+        self.bundle = bundle
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.batch_size = batch_size
+        meta = bundle.tasks
+        self.max_len = int(meta.get("max_len") or tokenizer.config.max_len)
+        heads = {t.name for t in model.config.tasks}
+        self.tasks = {n: t for n, t in meta.get("tasks", {}).items() if n in heads and t.get("type") in SUPERVISED}
+        if not self.tasks:
+            raise KitError(f"{bundle.source}: the bundle has no supervised task heads to predict with")
+        self.calibration = bundle.calibration
+        self._lock = threading.Lock()
+        digest = hashlib.sha256((bundle.root / MANIFEST).read_bytes()).hexdigest()
+        self.info = {
+            "name": bundle.manifest.get("name") or f"kit-{bundle.vertical}",
+            "version": digest[:12],
+            "vertical": bundle.vertical,
+            "kit_version": __version__,
+            "bundle_kit_version": bundle.kit_version,
+            "created": bundle.manifest.get("created"),
+        }
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, path: Path | str, *, device: str = "auto", batch_size: int = 64, cache_dir: Path | None = None) -> Predictor:
+        """Open and verify a bundle (directory or `.kitbundle`); a changed or foreign bundle is a KitError naming why."""
+        from kit.tokenizer import Tokenizer
+        from kit.train.finetune import resolve_device
+
+        bundle = open_bundle(path, cache_dir=cache_dir)
+        dev = resolve_device(device)
+        model = bundle.load_model().to(dev).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)  # attributions take gradients for the inputs only
+        return cls(bundle, model, Tokenizer.load(bundle.path("tokenizer.json")), dev, batch_size=batch_size)
+
+    @property
+    def name(self) -> str:
+        return self.info["name"]
+
+    @property
+    def version(self) -> str:
+        return self.info["version"]
+
+    def metadata(self) -> dict[str, Any]:
+        """Model card, tasks (type, classes, calibration, threshold), test metrics and versions."""
+        card = (self.bundle.root / "model_card.md").read_text() if self.bundle.has("model_card.md") else ""
+        metrics = self.bundle.read_json("metrics.json", default={})
+        tasks = {}
+        for name, t in self.tasks.items():
+            cal = (self.calibration.get("tasks") or {}).get(name, {})
+            tasks[name] = {
+                "type": t["type"], "description": t.get("description"), "prompt": t.get("prompt"),
+                "classes": t.get("classes"),
+                "calibration": {k: cal.get(k) for k in ("method", "temperature", "threshold", "threshold_rule") if k in cal},
+                "test_metrics": {k: v.get("value") for k, v in ((metrics.get("tasks") or {}).get(name, {}).get("model") or {}).items()
+                                 if isinstance(v, dict)},
+            }
+        return {**self.info, "tasks": tasks, "max_len": self.max_len, "model_card": card}
+
+    # ------------------------------------------------------------------ inputs
+
+    def subject_data(self, data: Any, *, subjects: pl.DataFrame | None = None) -> SubjectData:
+        """Any accepted input as events + subjects: a SubjectData, a MEDS event frame, a document (dict/list or a JSON
+        string) in the vertical's format, a JSON file, an event store, or raw files the vertical ingests."""
+        if isinstance(data, SubjectData):
+            return data
+        if isinstance(data, pl.LazyFrame):
+            data = data.collect()
+        if isinstance(data, pl.DataFrame):
+            from kit.events import conform_events
+
+            events = conform_events(data).sort(["subject_id", "time"], nulls_last=False, maintain_order=True)
+            return SubjectData(events=events, subjects=subjects if subjects is not None else subjects_from_events(events))
+        if isinstance(data, (dict, list)):
+            return get_format(self.bundle.vertical).parse(data)
+        if isinstance(data, str) and data.lstrip()[:1] in ("{", "["):
+            return get_format(self.bundle.vertical).parse(_loads(data.encode(), "the JSON string"))
+        if isinstance(data, (str, Path)):
+            return self._path_data(Path(data))
+        raise KitError(f"cannot predict from a {type(data).__name__}; pass a FHIR Bundle (dict, JSON string or path), a list "
+                       "of resources, a MEDS event frame or an event store")
+
+    def _path_data(self, path: Path) -> SubjectData:
+        if not path.exists():
+            raise KitError(f"{path}: no such file or directory")
+        if is_event_store(path):
+            return SubjectData(events=scan_events(path).collect(), subjects=read_subjects(path))
+        name = path.name.lower()
+        if path.is_file() and name.endswith((".json", ".json.gz")):
+            raw = path.read_bytes()
+            if name.endswith(".gz"):
+                import gzip
+
+                raw = gzip.decompress(raw)
+            try:
+                return get_format(self.bundle.vertical).parse(_loads(raw, str(path)))
+            except BadInput as err:
+                raise KitError(f"{path}: {err}") from None
+        with tempfile.TemporaryDirectory(prefix="kit-predict-") as tmp:
+            store = ingest_to_store(self.bundle.vertical, [path], Path(tmp) / "events")
+            return SubjectData(events=scan_events(store).collect(), subjects=read_subjects(store))
+
+    def samples(self, sd: SubjectData, as_of: Any = None) -> pl.DataFrame:
+        """(subject_id, prediction_time) rows: per subject at its last event (as_of=None), at one time for all, per
+        subject key ({"patient-id": time}), or a frame of subject_id (or subject) and prediction_time (or as_of),
+        several rows per subject allowed. Sorted by subject and time, except a frame, whose order is kept."""
+        keys = sd.subjects.select("subject_id", "source_subject_id")
+        if as_of is None:
+            last = sd.events.filter(pl.col("time").is_not_null()).group_by("subject_id").agg(pl.col("time").max().alias("prediction_time"))
+            out = keys.select("subject_id").join(last, on="subject_id", how="left")
+        elif isinstance(as_of, (pl.DataFrame, pl.LazyFrame)):
+            f = as_of.lazy().collect()
+            when = "prediction_time" if "prediction_time" in f.columns else "as_of"
+            if "subject_id" not in f.columns:
+                f = f.join(keys.rename({"source_subject_id": "subject"}), on="subject", how="inner")
+            out = f.select(pl.col("subject_id").cast(pl.Int64), pl.col(when).cast(pl.Datetime("us")).alias("prediction_time"))
+            return out.filter(pl.col("prediction_time").is_not_null())  # the caller's order (a dataset's, say)
+        elif isinstance(as_of, dict):
+            rows = []
+            lookup = dict(zip(keys["source_subject_id"].to_list(), keys["subject_id"].to_list(), strict=True))
+            for k, t in as_of.items():
+                if str(k) not in lookup:
+                    raise BadInput(422, f"as_of names subject {str(k)[:64]!r}, which is not in the input")
+                rows.append((lookup[str(k)], _utc(t)))
+            out = pl.DataFrame(rows, schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us")}, orient="row")
+        else:
+            t = _utc(as_of)
+            out = keys.select("subject_id", pl.lit(t, dtype=pl.Datetime("us")).alias("prediction_time"))
+        return out.filter(pl.col("prediction_time").is_not_null()).sort("subject_id", "prediction_time", maintain_order=True)
+
+    # ------------------------------------------------------------------ predicting
+
+    def predict(self, data: Any, *, as_of: Any = None, tasks: list[str] | None = None, explain: bool = True,
+                top_k: int = 5, subjects: pl.DataFrame | None = None) -> list[Prediction]:
+        """Predictions per subject and task (subjects in subject_id order, then time, then the bundle's task order).
+
+        `data`: a FHIR Bundle (dict, JSON string or path), a list of resources, a MEDS event frame (with `subjects`,
+        or birth/death from MEDS_BIRTH/MEDS_DEATH events), an event store, or raw files the vertical ingests.
+        `as_of`: the prediction time (default: each subject's last event; events at or after it are not read).
+        `explain=False` skips the attribution (gradient x input over the history), which costs about a forward pass.
+        """
+        sd = self.subject_data(data, subjects=subjects)
+        return self.predict_data(sd, as_of=as_of, tasks=tasks, explain=explain, top_k=top_k)
+
+    def predict_data(self, sd: SubjectData, *, as_of: Any = None, tasks: list[str] | None = None, explain: bool = True,
+                     top_k: int = 5) -> list[Prediction]:
+        """`predict` on events and subjects already at hand."""
+        from kit.eval.calibration import apply_task_calibration
+        from kit.eval.scoring import row_logits
+        from kit.tokenizer import windows
+        from kit.train.data import rows_from_frame
+
+        names = list(self.tasks) if tasks is None else tasks
+        unknown = [n for n in names if n not in self.tasks]
+        if unknown:
+            raise KitError(f"unknown task(s) {unknown}; this bundle predicts: {', '.join(self.tasks)}")
+        samples = self.samples(sd, as_of)
+        if samples.height == 0 or sd.events.height == 0:
+            return []
+        tokens = self.tokenizer.encode(sd.events, sd.subjects)
+        win = windows(tokens, samples, self.max_len).filter(pl.col("n_tokens") > 0)
+        if win.height == 0:
+            return []
+        per_task = {}
+        for name in names:
+            spec = self.tasks[name]
+            frame = win.with_columns(pl.lit(int(spec["task_token_id"]), dtype=pl.Int32).alias("task_token_id"), *_NO_LABELS)
+            per_task[name] = rows_from_frame(frame, name, spec["type"], int(spec["num_outputs"]))
+        # Sample-major: a subject's tasks share a batch (one forward pass scores every task of a patient).
+        rows = [per_task[name][0][i] for i in range(win.height) for name in names]
+        with self._lock:
+            logits = row_logits(self.model, rows, self.device, batch_size=self.batch_size, bf16=False)
+            attrib = self._attributions(rows) if explain else None
+        keys = dict(zip(sd.subjects["subject_id"].to_list(), sd.subjects["source_subject_id"].to_list(), strict=True))
+        sources = _source_lookup(sd.events) if explain else {}
+        entries = {n: (self.calibration.get("tasks") or {}).get(n) or {"type": self.tasks[n]["type"], "method": "none"}
+                   for n in names}
+        out: list[Prediction] = []
+        for k, (sid, when) in enumerate(win.select("subject_id", "prediction_time").iter_rows()):
+            for j, name in enumerate(names):
+                r = k * len(names) + j
+                p = apply_task_calibration(entries[name], logits[r][None])[0]
+                df = per_task[name][1]
+                top = _top_events(df, k, attrib[r], self.tokenizer, sources, top_k) if attrib is not None else None
+                out.append(self._prediction(keys.get(sid, str(sid)), int(sid), when, name, self.tasks[name], p,
+                                            entries[name], top))
+        return out
+
+    def _prediction(self, subject, sid, when, name, spec, p, entry, top) -> Prediction:
+        kind = spec["type"]
+        probability = scores = value = decision = threshold = None
+        if kind == "binary":
+            probability = float(p)
+            if "threshold" in entry:
+                threshold = float(entry["threshold"])
+                decision = bool(probability >= threshold)
+        elif kind in ("multiclass", "multilabel"):
+            classes = spec.get("classes") or [str(k) for k in range(len(p))]
+            scores = {str(c): float(v) for c, v in zip(classes, np.asarray(p).reshape(-1))}
+        else:
+            value = float(p)
+        return Prediction(subject=subject, subject_id=sid, task=name, type=kind, as_of=when, probability=probability,
+                          scores=scores, value=value, decision=decision, threshold=threshold, bundle=self.info["name"],
+                          version=self.info["version"], description=spec.get("description") or "", top_events=top)
+
+    def _attributions(self, rows) -> list[np.ndarray]:
+        """Gradient x input on the token embeddings, per history token, for each row's predicted outcome's logit."""
+        import torch
+
+        from kit.train.batching import collate, model_inputs
+        from kit.train.objectives import used_inputs
+
+        emb = self.model.backbone.get_input_embeddings()
+        held: dict[str, Any] = {}
+
+        def hook(_module, _inputs, output):
+            leaf = output.detach().requires_grad_(True)
+            held["e"] = leaf
+            return leaf
+
+        handle = emb.register_forward_hook(hook)
+        out: list[np.ndarray] = []
+        try:
+            for start in range(0, len(rows), self.batch_size):
+                part = rows[start:start + self.batch_size]
+                batch = collate(part)
+                with torch.enable_grad():
+                    res = self.model(**model_inputs(batch, self.device, used_inputs(self.model)), compute_lm_logits=False)
+                    # binary/regression: the logit; multiclass/multilabel: the top class's logit
+                    target = torch.stack([res.task_outputs[r.task][j].float().max() for j, r in enumerate(part)])
+                    (grad,) = torch.autograd.grad(target.sum(), held["e"])
+                score = (grad * held["e"]).sum(-1).detach().float().cpu().numpy()
+                for j, r in enumerate(part):
+                    out.append(score[j, : len(r.input_ids) - 1])  # the history, without the task token
+        finally:
+            handle.remove()
+        return out
+
+
+def _loads(raw: bytes, what: str) -> Any:
+    import orjson
+
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        raise BadInput(400, f"{what} is not valid JSON ({err})", code="structure") from None
+
+
+def _code_of(token: str) -> str:
+    if "#Q" in token:
+        return token.rsplit("#Q", 1)[0]
+    return token.split("=", 1)[0] if "=" in token else token
+
+
+def _source_lookup(events: pl.DataFrame) -> dict[tuple, str]:
+    """(subject_id, time in us or None, code) -> "Type/id" of the record it came from (first one wins)."""
+    f = events.select("subject_id", pl.col("time").dt.epoch("us"), "code", "source_type", "source_id")
+    out: dict[tuple, str] = {}
+    for sid, t, code, stype, srcid in f.iter_rows():
+        if stype and srcid:
+            out.setdefault((sid, t, code), f"{stype}/{srcid}")
+    return out
+
+
+def _top_events(df: pl.DataFrame, i: int, score: np.ndarray, tokenizer, sources: dict, k: int) -> tuple[dict[str, Any], ...]:
+    ids = df["input_ids"][i].to_list()
+    times = df["token_time"][i].to_list()  # epoch microseconds (rows_from_frame)
+    types = df["token_type"][i].to_list()
+    sid = int(df["subject_id"][i])
+    keep = [j for j in range(min(len(ids), len(score))) if types[j] in _EXPLAINED_TYPES]
+    keep.sort(key=lambda j: -abs(float(score[j])))
+    out = []
+    for j in keep[:k]:
+        token = tokenizer.vocab[ids[j]] if 0 <= ids[j] < tokenizer.vocab_size else "[UNK]"
+        t = times[j]
+        code = _code_of(token)
+        src = sources.get((sid, t, code)) or (sources.get((sid, None, code)) if types[j] == 2 else None)
+        when = datetime.fromtimestamp(t / 1e6, tz=timezone.utc).replace(tzinfo=None).isoformat() if t is not None else None
+        out.append({"token": token, "time": when, "weight": round(float(score[j]), 6), "source": src})
+    return tuple(out)
+
+
+def ingest_to_store(vertical_name: str, paths: list[Path], out: Path, *, show_progress: bool = False) -> Path:
+    """Raw records to an event store through the vertical's own ingest (the path training data took)."""
+    from kit import registry
+
+    vertical = registry.vertical(vertical_name)
+    if not hasattr(vertical, "ingest"):
+        raise KitError(f"the {vertical_name} vertical cannot read raw records; pass an event store or a MEDS event frame")
+    vertical.ingest(paths, out, show_progress=show_progress)
+    return out
