@@ -1,0 +1,276 @@
+"""`kit serve` on loopback (a real uvicorn server): RiskAssessment Bundles that validate, every bad request answered
+with its OperationOutcome and 4xx, schemathesis over the OpenAPI finds no 500, bearer auth, no patient data in logs."""
+
+import gzip
+import itertools
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+import uvicorn
+
+from kit import Predictor
+from kit.serve import create_app
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_BUNDLES = REPO / "examples" / "data" / "fhir" / "synthea-bundles"
+TOKEN = "test-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+FHIR = {"Content-Type": "application/fhir+json"}
+MAX_BYTES = 2 << 20
+
+
+class LoopbackServer:
+    """uvicorn serving an app on 127.0.0.1 and a free port, in a thread."""
+
+    def __init__(self, app) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_clinical_bundle) -> Predictor:
+    return Predictor.load(tiny_clinical_bundle, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def url(predictor):
+    with LoopbackServer(create_app(predictor, token=TOKEN, max_bytes=MAX_BYTES)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def patient_docs() -> list[dict]:
+    return [orjson.loads(gzip.decompress(p.read_bytes())) for p in sorted(EXAMPLE_BUNDLES.glob("*.json.gz"))[:3]]
+
+
+def _patient_id(doc: dict) -> str:
+    return next(e["resource"]["id"] for e in doc["entry"] if e["resource"]["resourceType"] == "Patient")
+
+
+def _validate_outcome(resp: httpx.Response, status: int) -> dict:
+    from fhir.resources.R4B.operationoutcome import OperationOutcome
+
+    assert resp.status_code == status, (resp.status_code, resp.text[:500])
+    assert resp.headers["content-type"].startswith("application/fhir+json")
+    body = resp.json()
+    OperationOutcome.model_validate(body)
+    assert body["issue"][0]["severity"] == "error" and body["issue"][0]["diagnostics"]
+    return body
+
+
+def test_predict_answers_a_bundle_of_risk_assessments(client, patient_docs, predictor, caplog):
+    from fhir.resources.R4B.bundle import Bundle
+    from fhir.resources.R4B.riskassessment import RiskAssessment
+
+    doc = patient_docs[0]
+    with caplog.at_level(logging.INFO, logger="kit.serve"):
+        resp = client.post("/predict", content=orjson.dumps(doc), headers={**FHIR, "X-Request-ID": "req-42"})
+    assert resp.status_code == 200, resp.text[:500]
+    assert resp.headers["x-request-id"] == "req-42" and resp.headers["content-type"].startswith("application/fhir+json")
+    body = resp.json()
+    Bundle.model_validate(body)
+    risks = [e["resource"] for e in body["entry"] if e["resource"]["resourceType"] == "RiskAssessment"]
+    assert {r["code"]["coding"][0]["code"] for r in risks} == set(predictor.tasks)
+    for r in risks:
+        RiskAssessment.model_validate(r)
+        assert r["subject"]["reference"] == f"Patient/{_patient_id(doc)}"
+    want = {p.task: p for p in predictor.predict(doc)}
+    mortality = next(r for r in risks if r["code"]["coding"][0]["code"] == "mortality_1y")
+    assert mortality["prediction"][0]["probabilityDecimal"] == round(want["mortality_1y"].probability, 6)
+    assert mortality["method"]["coding"][0]["version"] == predictor.version
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "kit.serve")
+    assert "request_id=req-42" in logged and "status=200" in logged
+    patient = next(e["resource"] for e in doc["entry"] if e["resource"]["resourceType"] == "Patient")
+    family = patient["name"][0]["family"]
+    assert _patient_id(doc) not in logged and family not in logged  # no patient data in the logs
+
+
+def test_plain_json_content_type_and_explain_switch(client, patient_docs):
+    resp = client.post("/predict?explain=false", content=orjson.dumps(patient_docs[1]), headers={"Content-Type": "application/json"})
+    assert resp.status_code == 200
+    risks = [e["resource"] for e in resp.json()["entry"] if e["resource"]["resourceType"] == "RiskAssessment"]
+    assert risks and all(r["basis"] == [r["subject"]] and "note" not in r for r in risks)
+
+
+def test_batch_scores_each_document_or_says_why(client, patient_docs, predictor):
+    docs = [patient_docs[0], {"resourceType": "Observation", "id": "x"}, patient_docs[2]]
+    resp = client.post("/predict/batch", content=orjson.dumps(docs), headers=FHIR)
+    assert resp.status_code == 200, resp.text[:500]
+    body = resp.json()
+    assert body["type"] == "batch-response"
+    statuses = [e["response"]["status"] for e in body["entry"]]
+    assert statuses == ["200", "422", "200"]
+    assert body["entry"][1]["response"]["outcome"]["resourceType"] == "OperationOutcome"
+    for entry, doc in ((body["entry"][0], patient_docs[0]), (body["entry"][2], patient_docs[2])):
+        subjects = {e["resource"]["subject"]["reference"] for e in entry["resource"]["entry"]
+                    if e["resource"]["resourceType"] == "RiskAssessment"}
+        assert subjects == {f"Patient/{_patient_id(doc)}"}
+    single = client.post("/predict", content=orjson.dumps(patient_docs[2]), headers=FHIR).json()
+
+    def probs(b: dict) -> list[float]:
+        risks = sorted((e["resource"] for e in b["entry"] if e["resource"]["resourceType"] == "RiskAssessment"),
+                       key=lambda r: r["code"]["coding"][0]["code"])
+        return [p["probabilityDecimal"] for r in risks for p in r["prediction"]]
+
+    # Batched with others or alone: the same scores (float sums may differ in the last bits between batch shapes).
+    assert probs(single) == pytest.approx(probs(body["entry"][2]["resource"]), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "code"),
+    [
+        (b'{"resourceType": "Bundle", "entry": [', FHIR, 400, "structure"),
+        (b"", FHIR, 400, "structure"),
+        (b'"just a string"', FHIR, 400, "structure"),
+        (b'{"resourceType": "Observation", "id": "o1"}', FHIR, 422, "not-supported"),
+        (b'{"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"resourceType": "Condition", "id": "c"}}]}',
+         FHIR, 422, "required"),
+        (b'{"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"resourceType": "Patient", "id": "p1", '
+         b'"animal": {"species": {"text": "dog"}}}}]}', FHIR, 422, "not-supported"),
+        (b'{"resourceType": "Bundle"}', {"Content-Type": "application/fhir+json; fhirVersion=5.0"}, 415, "not-supported"),
+        (b'{"resourceType": "Bundle"}', {"Content-Type": "text/plain"}, 415, "not-supported"),
+    ],
+    ids=["malformed-json", "empty", "not-an-object", "wrong-resource-type", "no-patient", "stu3-patient",
+         "fhir-version-5", "wrong-media-type"],
+)
+def test_bad_requests_get_their_operation_outcome(client, body, headers, status, code):
+    outcome = _validate_outcome(client.post("/predict", content=body, headers=headers), status)
+    assert outcome["issue"][0]["code"] == code
+
+
+def test_size_limit_auth_and_routes(client, url):
+    big = b'{"resourceType": "Bundle", "entry": [' + b'{"resource": {}},' * (MAX_BYTES // 16) + b"{}]}"
+    assert "too-long" in str(_validate_outcome(client.post("/predict", content=big, headers=FHIR), 413))
+    chunks = (big[i:i + 65536] for i in range(0, len(big), 65536))  # no Content-Length: counted as it arrives
+    _validate_outcome(client.post("/predict", content=chunks, headers=FHIR), 413)
+    with httpx.Client(base_url=url, timeout=30) as anon:
+        body = _validate_outcome(anon.post("/predict", content=b"{}", headers=FHIR), 401)
+        assert body["issue"][0]["code"] == "login"
+        wrong = anon.get("/metadata", headers={"Authorization": "Bearer not-the-token"})
+        _validate_outcome(wrong, 401)
+        assert wrong.headers["www-authenticate"].startswith("Bearer")
+        assert anon.get("/health").status_code == 200  # liveness needs no token
+    _validate_outcome(client.get("/nowhere"), 404)
+    _validate_outcome(client.get("/predict"), 405)
+    _validate_outcome(client.post("/predict?explain=maybe", content=b"{}", headers=FHIR), 422)
+
+
+def test_metadata_and_openapi(client, predictor):
+    meta = client.get("/metadata").json()
+    assert meta["version"] == predictor.version and meta["kit_version"] and "Model card" in meta["model_card"]
+    assert set(meta["tasks"]) == set(predictor.tasks)
+    assert "threshold" in meta["tasks"]["mortality_1y"]["calibration"]
+    spec = client.get("/openapi.json").json()
+    assert {"/predict", "/predict/batch", "/health", "/metadata"} <= set(spec["paths"])
+    assert "application/fhir+json" in spec["paths"]["/predict"]["post"]["requestBody"]["content"]
+
+
+def test_schemathesis_finds_no_server_error(url):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 4
+    # Valid and invalid bodies and parameters (GET /health and /metadata take none, so nothing invalid to send).
+    cases = [(op, mode) for op, mode in itertools.product(operations, list(GenerationMode))
+             if op.method.upper() == "POST" or mode == GenerationMode.POSITIVE]
+    for op, mode in cases:
+        @settings(max_examples=15, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(case=op.as_strategy(generation_mode=mode))
+        def check(case):
+            resp = case.call(base_url=url, headers=AUTH, timeout=30)
+            case.validate_response(resp, checks=[not_a_server_error])
+
+        check()
+
+
+def test_kit_serve_command_token_file_and_bad_bundle(tiny_clinical_bundle, tmp_path, patient_docs):
+    env = {**os.environ, "COLUMNS": "200"}
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_clinical_bundle, bad)
+    (bad / "model.safetensors").write_bytes(b"not weights")
+    proc = subprocess.run([sys.executable, "-m", "kit", "serve", "--bundle", str(bad), "--port", "0"],
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert proc.returncode == 2 and "model.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    serve = subprocess.Popen([sys.executable, "-m", "kit", "serve", "--bundle", str(tiny_clinical_bundle), "--port", "0",
+                              "--token-file", str(token_file)], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        lines = []
+        port = None
+        deadline = time.monotonic() + 120
+        while port is None and time.monotonic() < deadline:
+            line = serve.stderr.readline()
+            assert line or serve.poll() is None, "".join(lines)
+            lines.append(line)
+            m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+            port = int(m.group(1)) if m else None
+        assert port, "".join(lines)
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/health", timeout=30).json()["status"] == "ok"
+        doc = orjson.dumps(patient_docs[0])
+        assert httpx.post(f"{base}/predict", content=doc, headers={**FHIR, "Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+        ok = httpx.post(f"{base}/predict", content=doc, headers={**FHIR, **AUTH}, timeout=60)
+        assert ok.status_code == 200 and ok.headers["x-request-id"]
+    finally:
+        serve.terminate()
+        _, rest = serve.communicate(timeout=30)
+    log = "".join(lines) + rest
+    assert "status=401" in log and "status=200" in log
+    assert _patient_id(patient_docs[0]) not in log
+
+
+def test_json_format_serves_any_vertical(predictor, patient_docs):
+    """MEDS-style JSON in, prediction objects out (the format every vertical gets): same numbers as the Predictor."""
+    from kit.predict.formats import get_format
+
+    sd = get_format("clinical", "fhir").parse(patient_docs[1])
+    key = sd.subjects["source_subject_id"][0]
+    body = {
+        "subjects": [{"subject_id": key, "birth_time": sd.subjects["birth_time"][0].isoformat(), "sex": sd.subjects["sex"][0]}],
+        "events": [{"subject_id": key, "time": e["time"].isoformat() if e["time"] else None, "code": e["code"],
+                    "numeric_value": e["numeric_value"], "text_value": e["text_value"], "encounter_id": e["encounter_id"]}
+                   for e in sd.events.iter_rows(named=True)],
+    }
+    with LoopbackServer(create_app(predictor, fmt="json")) as base, httpx.Client(base_url=base, timeout=60) as c:
+        resp = c.post("/predict?explain=false", json=body)
+        assert resp.status_code == 200, resp.text[:500]
+        got = {(p["task"], p["probability"], str(p["scores"])) for p in resp.json()["predictions"]}
+        want = {(p.task, p.probability, str(p.scores)) for p in predictor.predict(sd, explain=False)}
+        assert got == want and resp.json()["bundle"]["version"] == predictor.version
+        err = c.post("/predict", json={"subjects": []})
+        assert err.status_code == 422 and err.json()["error"]["code"] == "required"
+        assert c.post("/predict", content=b"{", headers={"Content-Type": "application/json"}).json()["error"]["status"] == 400
