@@ -94,13 +94,16 @@ def tiny_clinical_bundle(tmp_path_factory) -> Path:
 
     Shared by every test module of the session: never change these files; copy them first (shutil.copytree).
     """
+    from kit import registry
     from kit.train.config import load_train_config
     from kit.train.workflow import FinetuneRequest, run_finetune
 
     workdir = tmp_path_factory.mktemp("tiny-clinical")
+    # One parsing process: for 40 small files, spawning a worker pool costs more than it saves.
+    registry.vertical("clinical").ingest([EXAMPLE_FHIR / "synthea-bundles"], workdir / "events", workers=1)
     req = FinetuneRequest(
         vertical="clinical",
-        data=[EXAMPLE_FHIR / "synthea-bundles"],
+        data=[workdir / "events"],
         workdir=workdir,
         config=load_train_config(overrides=TINY_BUNDLE_TRAIN),
         dataset_overrides=["tokenizer.max_len=48", f"tasks=[{','.join(TINY_BUNDLE_TASKS)}]", "splits.train=0.6",

@@ -87,3 +87,14 @@ def test_paired_difference_cancels_what_two_models_share():
     better = p + 0.5 * y  # the same scores plus more signal: better on every resample
     d = paired_difference(auroc, y, better, p, n_boot=200, seed=1, clusters=np.arange(400) // 4)
     assert d.value > 0 and d.low > 0
+
+
+def test_numpy_ranking_metrics_equal_scikit_learns_with_ties():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(7)
+    for n, levels in ((50, 5), (300, 1000), (40, 2)):
+        y = rng.integers(0, 2, n)
+        p = np.round(rng.random(n) * levels) / levels + 0.1 * y  # many ties when levels is small
+        assert metric_fn("binary", "auroc")(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+        assert metric_fn("binary", "auprc")(y, p) == pytest.approx(average_precision_score(y, p), abs=1e-12)

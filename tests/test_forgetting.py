@@ -108,13 +108,17 @@ def test_kit_lines_rescales_a_packed_bundle_into_a_new_one(tiny_clinical_bundle,
 
 
 def test_kit_lines_refuses_a_bundle_without_base_weights(tiny_clinical_bundle, tmp_path):
+    from kit.train.finish import rescale_bundle
+
     copy = tmp_path / "nobase"
     shutil.copytree(tiny_clinical_bundle, copy)
     shutil.rmtree(copy / "lines")
     write_manifest(copy, vertical="clinical")
-    proc = _kit("lines", "--bundle", str(copy), cache=tmp_path / "cache")
-    assert proc.returncode == 2 and "holds no lines/base.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(KitError, match="holds no lines/base.safetensors"):
+        rescale_bundle(copy, None, None, [], say=lambda _m: None)
     assert not (tmp_path / "nobase-lines").exists()
+    with pytest.raises(KitError, match="is the bundle itself"):
+        rescale_bundle(tiny_clinical_bundle, None, tiny_clinical_bundle, [], say=lambda _m: None)
 
 
 @pytest.fixture(scope="module")
@@ -134,24 +138,32 @@ def single_task_bundle(tiny_clinical_bundle, tmp_path_factory) -> Path:
 
 
 def test_multitask_versus_single_task_is_paired_on_the_same_rows(tiny_clinical_bundle, single_task_bundle, tmp_path):
+    """What `kit evaluate --compare` does (the CLI prints kit.eval.cli.comparison_table of the same block)."""
+    from rich.console import Console
+
+    from kit.eval.bundle_eval import evaluate_bundle
+    from kit.eval.cli import comparison_table
+
     assert not (single_task_bundle / "lines").exists()  # lines.store_base=false: no base weights kept
     single = json.loads((single_task_bundle / "metrics.json").read_text())
     assert set(single["tasks"]) == {"next_encounter_type_90d"} and HELD_OUT in single["forgetting"]["held_out_tasks"]
-    assert "untrained initial weights" in single["forgetting"]["held_out_tasks"][HELD_OUT].get("note", "") or \
-        "not measured" in single["forgetting"]["held_out_tasks"][HELD_OUT].get("note", "")
     out = tmp_path / "eval"
-    proc = _kit("evaluate", "--bundle", str(tiny_clinical_bundle), "--data", str(tiny_clinical_bundle.parent / "dataset"),
-                "--out", str(out), "--n-bootstrap", "20", "--compare", str(single_task_bundle), cache=tmp_path / "cache")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "multitask (3 tasks) vs single-task (next_encounter_type_90d)" in proc.stdout
-    comparison = json.loads((out / "metrics.json").read_text())["comparison"]
+    got = evaluate_bundle(tiny_clinical_bundle, tiny_clinical_bundle.parent / "dataset", out, n_boot=20,
+                          compare=single_task_bundle)
+    comparison = got["comparison"]
     assert comparison["paired"] and set(comparison["tasks"]) == {"next_encounter_type_90d"}
+    assert (comparison["this_label"], comparison["other_label"]) == ("multitask (3 tasks)", "single-task (next_encounter_type_90d)")
     t = comparison["tasks"]["next_encounter_type_90d"]
-    mine = json.loads((out / "metrics.json").read_text())["tasks"]["next_encounter_type_90d"]["model"]["auroc"]
+    mine = got["tasks"]["next_encounter_type_90d"]["model"]["auroc"]
     assert t["this"]["value"] == mine["value"] and t["n"] == mine["n"]
     if not np.isnan(t["this"]["value"]) and not np.isnan(t["other"]["value"]):
         assert t["difference"]["value"] == pytest.approx(t["this"]["value"] - t["other"]["value"])
+        lo, hi = t["difference"]["ci95"]
+        assert t["verdict"] == "no clear difference" if lo <= 0 <= hi else t["verdict"].endswith(" better")
     assert "task cocktail" in comparison["note"]
+    console = Console(width=200, record=True)
+    console.print(comparison_table(comparison))
+    assert "multitask (3 tasks) vs single-task (next_encounter_type_90d) (paired, same rows)" in console.export_text()
     html = (out / "report" / "index.html").read_text()
     assert 'id="comparison"' in html and "single-task (next_encounter_type_90d)" in html
     assert "## Comparison" in (out / "report" / "report.md").read_text()

@@ -294,8 +294,11 @@ def _facts(metrics: dict) -> list[tuple[str, str]]:
     ]
 
 
-def render_report(metrics: dict, calibration: dict | None = None, *, title: str | None = None) -> dict[str, str]:
-    """{'report/index.html': ..., 'report/report.md': ..., 'report/metrics.json': ...} from a metrics dict."""
+def render_report(metrics: dict, calibration: dict | None = None, *, title: str | None = None,
+                  figures: bool = True) -> dict[str, str]:
+    """{'report/index.html': ..., 'report/report.md': ..., 'report/metrics.json': ...} from a metrics dict.
+
+    `figures=False` leaves the (slow) figures out of index.html; the Markdown never has them."""
     calibration = calibration or {}
     tasks = metrics.get("tasks") or {}
     forgetting = metrics.get("forgetting")
@@ -311,13 +314,14 @@ def render_report(metrics: dict, calibration: dict | None = None, *, title: str 
         "subgroups": _rows_subgroups(tasks),
     }
     sections = [*SECTIONS[:4], *(["Comparison"] if comparison else []), *SECTIONS[4:]]
-    figures = {"baseline": baseline_figure(tasks), "lines": lines_figure(lines)}
+    draw = figures
+    figures = {"baseline": baseline_figure(tasks) if draw else None, "lines": lines_figure(lines) if draw else None}
     held_note = (forgetting or {}).get("held_out_note", "")
     probe_note = ("Held-out tasks were left out of finetuning; each is scored by a linear probe fit on train-split "
                   "features of the frozen model, the same procedure before and after finetuning; the change has a "
                   "paired subject-level bootstrap interval." if (forgetting or {}).get("held_out_tasks") else "")
     comparison_note = (comparison or {}).get("note", "")
-    reliability = {n: reliability_figure(n, t) for n, t in tasks.items()}
+    reliability = {n: reliability_figure(n, t) for n, t in tasks.items()} if draw else {}
     forgetting_note = (forgetting or {}).get("note") or ("" if forgetting else
                                                          "Forgetting was not measured for this bundle.")
 
@@ -375,4 +379,4 @@ decision thresholds chosen there by {html.escape(str(calibration.get("threshold_
 
 def model_card_markdown(metrics: dict, calibration: dict | None = None) -> str:
     """model_card.md: the report's Markdown (the card, metrics, calibration, forgetting, subgroups, limitations)."""
-    return render_report(metrics, calibration)["report/report.md"]
+    return render_report(metrics, calibration, figures=False)["report/report.md"]

@@ -61,7 +61,7 @@ def finish_bundle(
     from kit.bundle import pack_bundle, write_bundle
     from kit.eval.evaluate import data_summary, evaluate_tasks, fit_calibration
     from kit.eval.forgetting import measure_forgetting, measure_held_out
-    from kit.eval.report import model_card_markdown, render_report
+    from kit.eval.report import render_report
     from kit.train.finetune import resolve_device
     from kit.train.lines import apply_lines, model_state, save_state, search_lines
     from kit.train.workflow import train_config_yaml
@@ -123,6 +123,7 @@ def finish_bundle(
         }, indent=1)
     tasks_meta = {name: t for name, t in ds.manifest["tasks"].items() if name in {s.name for s in tasks}}
     config_text = train_config_text or train_config_yaml(cfg)
+    report = render_report(metrics, calibration)
     bundle_dir = write_bundle(
         target_dir,
         vertical=vertical,
@@ -132,8 +133,8 @@ def finish_bundle(
         metrics=metrics,
         train_config_yaml=config_text,
         extra_files=extra_files,
-        extra_texts={**extra_texts, **render_report(metrics, calibration)},
-        model_card=model_card_markdown(metrics, calibration),
+        extra_texts={**extra_texts, **report},
+        model_card=report["report/report.md"],  # the card is the report's Markdown (rendered once: figures are slow)
     )
     for path in extra_files.values():
         path.unlink(missing_ok=True)  # copied into the bundle
