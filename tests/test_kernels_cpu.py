@@ -168,3 +168,24 @@ def test_build_info_names_the_instruction_set(scan_cpu):
 
     info = build_info()
     assert info["vector_bytes"] in (16, 32, 64) and info["isa"] and info["name"].startswith("kit_selective_scan_cpu_")
+
+
+@pytest.mark.parametrize("silu", [True, False])
+def test_cpu_causal_conv1d_matches_pytorch_with_gradients(scan_cpu, silu, monkeypatch):
+    # The fused time-major conv (picked with the cpu scan) against F.conv1d (picked with KIT_SCAN_IMPL=chunked):
+    # outputs and the gradients of x (a strided view, as in the Mamba block), weight and bias; 70 rows = 2 tiles.
+    import kit.kernels.conv1d as conv_module
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 70, 2 * 21, generator=gen, dtype=torch.float64)[..., :21].transpose(1, 2).requires_grad_(True)
+    weight = torch.randn(21, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(21, generator=gen, dtype=torch.float64, requires_grad=True)
+    cot = torch.randn(3, 21, 70, generator=gen, dtype=torch.float64)
+    results = []
+    for impl in ("cpu", "chunked"):
+        monkeypatch.setenv("KIT_SCAN_IMPL", impl)
+        assert conv_module._fused_cpu(x) == (impl == "cpu")
+        out = conv_module.causal_conv1d(x, weight, bias, activation="silu" if silu else None)
+        results.append((out, *torch.autograd.grad(out, [x, weight, bias], cot)))
+    for fused, ref in zip(*results):
+        torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-12)

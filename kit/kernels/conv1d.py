@@ -1,4 +1,8 @@
-"""Causal depthwise conv1d, as the Mamba block uses it before the scan."""
+"""Causal depthwise conv1d, as the Mamba block uses it before the scan.
+
+PyTorch (F.conv1d) everywhere; on CPU, when the compiled CPU scan is selected (see ``kit.kernels.dispatch``), a
+fused time-major C++ version from the same extension (training path: no streaming state).
+"""
 
 from __future__ import annotations
 
@@ -27,6 +31,10 @@ def causal_conv1d(
     if weight.dim() != 2 or weight.shape[0] != dim:
         raise ValueError(f"weight must be (dim={dim}, width), got {tuple(weight.shape)}")
     width = weight.shape[1]
+    if initial_state is None and not return_final_state and _fused_cpu(x):
+        from kit.kernels.scan_cpu import causal_conv1d_cpu
+
+        return causal_conv1d_cpu(x, weight, bias, activation is not None)
     if initial_state is None:
         padded = F.pad(x, (width - 1, 0))
     else:
@@ -39,3 +47,12 @@ def causal_conv1d(
     if return_final_state:
         return out, padded[..., padded.shape[-1] - (width - 1):]
     return out
+
+
+def _fused_cpu(x: torch.Tensor) -> bool:
+    """The compiled CPU conv (time-major, SiLU fused) whenever the compiled CPU scan is the selected scan."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return False
+    from kit.kernels.dispatch import resolve_impl
+
+    return resolve_impl("auto", x.device) == "cpu"

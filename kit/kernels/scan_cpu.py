@@ -212,3 +212,32 @@ def selective_scan_cpu(
     if not return_last_state:
         return out
     return out, _unpad_channels(last.transpose(1, 2), groups, hdim).transpose(1, 2)
+
+
+class CpuCausalConv(torch.autograd.Function):
+    """Causal depthwise conv1d (+ SiLU), time-major: x (B, L, D) with unit channel stride, wT (K, D), bias (D,)."""
+
+    @staticmethod
+    def forward(ctx, x, wT, bias, silu):
+        out = load_extension().conv_forward(x, wT, bias, silu)
+        ctx.save_for_backward(x, wT, bias)
+        ctx.silu = silu
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, wT, bias = ctx.saved_tensors
+        dx, dw, db = load_extension().conv_backward(x, wT, bias, dout.contiguous(), ctx.silu)
+        # Per-(batch, 64-row tile) partials, summed in a fixed order.
+        return dx, dw.sum(0), None if db is None else db.sum(0), None
+
+
+def causal_conv1d_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool) -> torch.Tensor:
+    """``causal_conv1d`` without streaming state, fp32/fp64 CPU tensors: x (B, D, L) -> (B, D, L).
+
+    Reads x time-major (a Mamba block's in_proj output, transposed, needs no copy) and returns a transposed view of
+    a time-major result, the layout x_proj and the fused scan read without copies.
+    """
+    out = CpuCausalConv.apply(_unit_last(x.transpose(1, 2)), weight.to(x.dtype).t().contiguous(),
+                              None if bias is None else bias.to(x.dtype).contiguous(), bool(silu))
+    return out.transpose(1, 2)

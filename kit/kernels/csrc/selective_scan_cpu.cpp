@@ -217,6 +217,32 @@ inline void chunk_steps(const Args<T>& a, int64_t b, int64_t d0, int64_t t0, int
   }
 }
 
+// Prefetch (into L2) the next channel block's rows while this block computes: rows of a time-major tensor are a
+// whole (B, L, D) row apart, so the hardware prefetchers do not follow them. One row per stream per step, spread
+// over the compute loop (prefetching a whole chunk at once fills the line-fill buffers and stalls).
+struct Prefetch {
+  const char* ptr[8];
+  int64_t stride[8];  // bytes
+  int nread = 0, n = 0;
+  int64_t rows = 0;
+  template <typename T> void add(const T* base, int64_t s_b, int64_t s_t, int64_t b, int64_t t0, int64_t d0, bool write) {
+    if (!base) return;
+    ptr[n] = reinterpret_cast<const char*>(base + b * s_b + t0 * s_t + d0);
+    stride[n] = s_t * static_cast<int64_t>(sizeof(T));
+    if (!write) {  // reads first
+      std::swap(ptr[n], ptr[nread]);
+      std::swap(stride[n], stride[nread]);
+      ++nread;
+    }
+    ++n;
+  }
+  inline void row(int64_t i) const {
+    if (i >= rows) return;
+    for (int s = 0; s < nread; ++s) __builtin_prefetch(ptr[s] + i * stride[s], 0, 2);
+    for (int s = nread; s < n; ++s) __builtin_prefetch(ptr[s] + i * stride[s], 1, 2);
+  }
+};
+
 // One chunk's states for NG states [n0, n0 + NG): h carried in registers through hs; optionally every state and
 // decay stored (backward recompute) and C . h accumulated into yb.
 template <typename T, int NG, bool Store, bool WithY>
@@ -252,32 +278,6 @@ inline void scan_group(int64_t steps, int64_t n0, int64_t N, const Vec<T>* __res
 #pragma GCC unroll 16
   for (int q = 0; q < NG; ++q) hs[n0 + q] = h[q];
 }
-
-// Prefetch (into L2) the next channel block's rows while this block computes: rows of a time-major tensor are a
-// whole (B, L, D) row apart, so the hardware prefetchers do not follow them. One row per stream per step, spread
-// over the compute loop (prefetching a whole chunk at once fills the line-fill buffers and stalls).
-struct Prefetch {
-  const char* ptr[8];
-  int64_t stride[8];  // bytes
-  int nread = 0, n = 0;
-  int64_t rows = 0;
-  template <typename T> void add(const T* base, int64_t s_b, int64_t s_t, int64_t b, int64_t t0, int64_t d0, bool write) {
-    if (!base) return;
-    ptr[n] = reinterpret_cast<const char*>(base + b * s_b + t0 * s_t + d0);
-    stride[n] = s_t * static_cast<int64_t>(sizeof(T));
-    if (!write) {  // reads first
-      std::swap(ptr[n], ptr[nread]);
-      std::swap(stride[n], stride[nread]);
-      ++nread;
-    }
-    ++n;
-  }
-  inline void row(int64_t i) const {
-    if (i >= rows) return;
-    for (int s = 0; s < nread; ++s) __builtin_prefetch(ptr[s] + i * stride[s], 0, 2);
-    for (int s = nread; s < n; ++s) __builtin_prefetch(ptr[s] + i * stride[s], 1, 2);
-  }
-};
 
 // Rows (batch) per task, split into parts of whole channel blocks when there are fewer rows than threads.
 inline int64_t split_parts(int64_t rows, int64_t blocks) {
@@ -662,11 +662,144 @@ std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor delta, torch:
   return {du, ddelta, dA, dB, dC, dD, dz, dbias, dh0};
 }
 
+// ---------------------------------------------------------------- causal depthwise conv1d (+ SiLU), time-major
+// out[b, t, d] = bias[d] + sum_k w[k, d] x[b, t - (K - 1) + k, d], optionally SiLU. x (B, L, D) with unit channel
+// stride (row strides free), wT (K, D), out (B, L, D). Tasks are (batch, 64-row) tiles walked row by row, so the
+// memory access is sequential; the backward recomputes the pre-activation.
+constexpr int64_t kConvRows = 64;
+
+template <typename V, typename T> inline V vload_n(const T* p, int64_t n) {
+  if (n == static_cast<int64_t>(sizeof(V) / sizeof(T))) return vload<V>(p);
+  V v = {};
+  std::memcpy(&v, p, n * sizeof(T));
+  return v;
+}
+template <typename V, typename T> inline void vstore_n(T* p, const V& v, int64_t n) {
+  if (n == static_cast<int64_t>(sizeof(V) / sizeof(T))) return vstore(p, v);
+  std::memcpy(p, &v, n * sizeof(T));
+}
+
+template <typename T>
+inline Vec<T> conv_pre(const T* xr, int64_t sx_t, const T* wT, const Vec<T>& bv, int64_t t, int64_t d0, int64_t nl,
+                       int64_t D, int64_t K) {
+  Vec<T> acc = bv;
+  for (int64_t k = std::max<int64_t>(0, K - 1 - t); k < K; ++k)
+    acc += vload_n<Vec<T>>(wT + k * D + d0, nl) * vload_n<Vec<T>>(xr + (t - (K - 1) + k) * sx_t + d0, nl);
+  return acc;
+}
+
+template <typename T>
+void conv_fwd(const T* x, int64_t sx_b, int64_t sx_t, const T* wT, const T* bias, T* out, int64_t B, int64_t L,
+              int64_t D, int64_t K, bool silu) {
+  using V = Vec<T>;
+  constexpr int W = lanes<T>();
+  const int64_t tiles = (L + kConvRows - 1) / kConvRows;
+  at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / tiles, t0 = (task % tiles) * kConvRows, t1 = std::min(L, t0 + kConvRows);
+      const T* xr = x + b * sx_b;
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t d0 = 0; d0 < D; d0 += W) {
+          const int64_t nl = std::min<int64_t>(W, D - d0);
+          const V bv = bias ? vload_n<V>(bias + d0, nl) : V{};
+          V o = conv_pre(xr, sx_t, wT, bv, t, d0, nl, D, K);
+          if (silu) o = o / (vexp(-o) + T(1));
+          vstore_n(out + (b * L + t) * D + d0, o, nl);
+        }
+    }
+  });
+}
+
+// dx, and per-tile partial dwT (tiles_total, K, D) and dbias (tiles_total, D), summed by the caller in a fixed order.
+template <typename T>
+void conv_bwd(const T* x, int64_t sx_b, int64_t sx_t, const T* wT, const T* bias, const T* dout, T* dx, T* dw_p,
+              T* db_p, int64_t B, int64_t L, int64_t D, int64_t K, bool silu) {
+  using V = Vec<T>;
+  constexpr int W = lanes<T>();
+  const int64_t tiles = (L + kConvRows - 1) / kConvRows;
+  at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> g((kConvRows + K) * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / tiles, t0 = (task % tiles) * kConvRows, t1 = std::min(L, t0 + kConvRows);
+      const int64_t te = std::min(L, t1 + K - 1);  // dx[s] needs the output gradients of s .. s + K - 1
+      const T* xr = x + b * sx_b;
+      T* dw = dw_p + task * K * D;
+      T* db = db_p ? db_p + task * D : nullptr;
+      std::fill(dw, dw + K * D, T(0));
+      if (db) std::fill(db, db + D, T(0));
+      for (int64_t t = t0; t < te; ++t)
+        for (int64_t d0 = 0; d0 < D; d0 += W) {
+          const int64_t nl = std::min<int64_t>(W, D - d0);
+          V gv = vload_n<V>(dout + (b * L + t) * D + d0, nl);
+          if (silu) {
+            const V bv = bias ? vload_n<V>(bias + d0, nl) : V{};
+            const V pre = conv_pre(xr, sx_t, wT, bv, t, d0, nl, D, K);
+            const V sig = T(1) / (vexp(-pre) + T(1));
+            gv = gv * (sig * (pre * (T(1) - sig) + T(1)));
+          }
+          vstore_n(g.data() + (t - t0) * D + d0, gv, nl);
+          if (t < t1) {  // weight and bias gradients of this tile's own rows
+            for (int64_t k = std::max<int64_t>(0, K - 1 - t); k < K; ++k) {
+              const V xv = vload_n<V>(xr + (t - (K - 1) + k) * sx_t + d0, nl);
+              vstore_n(dw + k * D + d0, vload_n<V>(dw + k * D + d0, nl) + gv * xv, nl);
+            }
+            if (db) vstore_n(db + d0, vload_n<V>(db + d0, nl) + gv, nl);
+          }
+        }
+      for (int64_t s = t0; s < t1; ++s)
+        for (int64_t d0 = 0; d0 < D; d0 += W) {
+          const int64_t nl = std::min<int64_t>(W, D - d0);
+          V acc = {};
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t t = s + (K - 1) - k;
+            if (t < te) acc += vload_n<V>(wT + k * D + d0, nl) * vload_n<V>(g.data() + (t - t0) * D + d0, nl);
+          }
+          vstore_n(dx + (b * L + s) * D + d0, acc, nl);
+        }
+    }
+  });
+}
+
+torch::Tensor conv_forward(torch::Tensor x, torch::Tensor wT, c10::optional<torch::Tensor> bias, bool silu) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "x: (B, L, D) with unit channel stride");
+  TORCH_CHECK(wT.dim() == 2 && wT.is_contiguous() && wT.size(1) == x.size(2) && wT.scalar_type() == x.scalar_type(),
+              "wT: (K, D) contiguous");
+  if (bias.has_value())
+    TORCH_CHECK(bias->is_contiguous() && bias->numel() == x.size(2) && bias->scalar_type() == x.scalar_type(), "bias");
+  auto out = torch::empty({x.size(0), x.size(1), x.size(2)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_cpu_forward", [&] {
+    conv_fwd<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), wT.data_ptr<scalar_t>(),
+                       bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), x.size(0),
+                       x.size(1), x.size(2), wT.size(0), silu);
+  });
+  return out;
+}
+
+std::vector<torch::Tensor> conv_backward(torch::Tensor x, torch::Tensor wT, c10::optional<torch::Tensor> bias,
+                                         torch::Tensor dout, bool silu) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "x: (B, L, D) with unit channel stride");
+  TORCH_CHECK(dout.is_contiguous() && dout.sizes() == x.sizes() && dout.scalar_type() == x.scalar_type(), "dout");
+  const int64_t B = x.size(0), L = x.size(1), D = x.size(2), K = wT.size(0);
+  const int64_t tiles = B * ((L + kConvRows - 1) / kConvRows);
+  auto dx = torch::empty({B, L, D}, x.options());
+  auto dw = torch::empty({tiles, K, D}, x.options());
+  auto db = bias.has_value() ? torch::empty({tiles, D}, x.options()) : torch::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_cpu_backward", [&] {
+    conv_bwd<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), wT.data_ptr<scalar_t>(),
+                       bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, dout.data_ptr<scalar_t>(),
+                       dx.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
+                       bias.has_value() ? db.data_ptr<scalar_t>() : nullptr, B, L, D, K, silu);
+  });
+  return {dx, dw, db};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "selective scan forward (CPU)");
   m.def("backward", &backward, "selective scan backward (CPU)");
+  m.def("conv_forward", &conv_forward, "causal depthwise conv1d (+ SiLU) forward, time-major (CPU)");
+  m.def("conv_backward", &conv_backward, "causal depthwise conv1d (+ SiLU) backward, time-major (CPU)");
   m.def("vector_bytes", [] { return kVecBytes; }, "SIMD vector width the extension was built for, in bytes");
   m.def("isa", [] { return std::string(kIsa) + (kFma ? "+fma" : ""); }, "instruction set the build targets");
 }
