@@ -2,11 +2,12 @@
 # One prepared GPU check for issue 4's kernels (and, when present, the backbone benchmark).
 # Runs the benchmarks, then the kernel tests at real shapes (the CUDA tests skip elsewhere), and writes
 # everything under $OUT (default bench/out/gpu): logs, JUnit XML, JSON results, nvidia-smi and versions.
-# The kernel benchmark times both Triton scan designs (v1; v2 at several chunk lengths) and records the fastest
-# correct one as "best" in kernels.json; the backbone benchmark then runs with it (KIT_TRITON_SCAN_VARIANT and
-# KIT_TRITON_SCAN_T, or the defaults when the kernel step did not run). The tests cover both designs.
+# The kernel benchmark times the Triton scan designs side by side (v1; v2 and v3 at the chunk lengths in V2_CHUNKS,
+# V3_CHUNKS) and records the fastest correct one as "best" in kernels.json; the backbone benchmark and the CUDA
+# tests then run with it (KIT_TRITON_SCAN_VARIANT and KIT_TRITON_SCAN_T, or the defaults when the kernel step did
+# not run). The tests cover that one design only (compiles at real shapes take time).
 #
-#   bash bench/gpu_check.sh            # kernels, backbones, then tests (about 5.5 minutes, at most 9.5)
+#   bash bench/gpu_check.sh            # kernels, backbones, then tests (about 2.5 minutes, at most 4.5)
 #   bash bench/gpu_check.sh tests      # one step: tests | kernels | backbones
 # Per-step limits: KERNELS_LIMIT, BACKBONES_LIMIT, TESTS_LIMIT (seconds).
 #
@@ -42,20 +43,22 @@ export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton-cache}"  # tests reuse
 export PYTHONUNBUFFERED=1
 # Timings first (the whole GPU to themselves), then the correctness suite at real shapes.
 if [ "$STEP" = all ] || [ "$STEP" = kernels ]; then
-  run kernels "${KERNELS_LIMIT:-240}" python bench/kernels.py --no-cpu --v2-chunks "${V2_CHUNKS:-128,256,512}" --out "$OUT/kernels.json"
+  run kernels "${KERNELS_LIMIT:-120}" python bench/kernels.py --no-cpu --v2-chunks "${V2_CHUNKS:-512}" \
+    --v3-chunks "${V3_CHUNKS-512,1024}" --out "$OUT/kernels.json"
 fi
+best=$(python -c "import json, sys; b = json.load(open(sys.argv[1]))['gpu'].get('best') or {}; print(b.get('variant', ''), b.get('chunk_size', ''))" "$OUT/kernels.json" 2>/dev/null)
+read -r best_variant best_chunk <<< "$best"
+export KIT_TRITON_SCAN_VARIANT="${best_variant:-${KIT_TRITON_SCAN_VARIANT:-}}"
+export KIT_TRITON_SCAN_T="${best_chunk:-${KIT_TRITON_SCAN_T:-}}"
+echo "== Triton scan variant '${KIT_TRITON_SCAN_VARIANT:-default}' chunk '${KIT_TRITON_SCAN_T:-default}' for the next steps" | tee -a "$OUT/summary.txt"
 if [ "$STEP" = all ] || [ "$STEP" = backbones ]; then
-  best=$(python -c "import json, sys; b = json.load(open(sys.argv[1]))['gpu'].get('best') or {}; print(b.get('variant', ''), b.get('chunk_size', ''))" "$OUT/kernels.json" 2>/dev/null)
-  read -r best_variant best_chunk <<< "$best"
-  echo "== backbones with Triton scan variant '${best_variant:-default}' chunk '${best_chunk:-default}'" | tee -a "$OUT/summary.txt"
-  KIT_TRITON_SCAN_VARIANT="${best_variant:-${KIT_TRITON_SCAN_VARIANT:-}}" KIT_TRITON_SCAN_T="${best_chunk:-${KIT_TRITON_SCAN_T:-}}" \
-    run backbones "${BACKBONES_LIMIT:-120}" python bench/backbones.py --device cuda --no-hf --out "$OUT/backbones.json"
+  run backbones "${BACKBONES_LIMIT:-60}" python bench/backbones.py --device cuda --no-hf --out "$OUT/backbones.json"
 fi
 if [ "$STEP" = all ] || [ "$STEP" = tests ]; then
   # One block shape for the tests keeps compiles short. --noconftest: the CPU-extension prebuild and data fixtures
   # in tests/conftest.py are not needed by these modules.
   if python -c "import pytest" 2>/dev/null; then
-    KIT_TRITON_AUTOTUNE=0 run tests "${TESTS_LIMIT:-200}" python -m pytest -q -rA -p no:cacheprovider --noconftest \
+    KIT_TRITON_AUTOTUNE=0 run tests "${TESTS_LIMIT:-80}" python -m pytest -q -rA -p no:cacheprovider --noconftest \
       --junitxml="$OUT/tests.xml" tests/test_kernels_triton.py \
       tests/test_models.py::test_lora_adapters_all_get_gradient_triton \
       tests/test_models.py::test_triton_backbone_matches_reference_on_gpu

@@ -6,8 +6,9 @@ fwd+bwd >= 10x faster than reference). Wall-clock medians plus the process CPU t
 this runs on are often shared.
 GPU section (only with CUDA): `triton` vs the chunked PyTorch scan on the GPU (the reference-free torch baseline;
 the sequential loop is timed once, forward only) and vs mamba-ssm's CUDA kernel when installed, at B=8, D=1536,
-L=2048, N=16, bf16 with z, D, delta_bias and softplus; forward and forward+backward, peak memory. Both Triton
-designs are timed (v1, and v2 at each chunk length in --v2-chunks, block shapes autotuned), each checked against
+L=2048, N=16, bf16 with z, D, delta_bias and softplus; forward and forward+backward, peak memory. The Triton
+designs are timed side by side (v1; v2 and v3 at each chunk length in --v2-chunks / --v3-chunks, block shapes
+autotuned), each checked against
 the reference (y, last state and every input gradient); the fastest forward+backward is reported as "best" (its
 variant and chunk are what bench/gpu_check.sh hands the backbone benchmark). Bars: triton forward <= 0.20 ms and
 forward+backward <= 0.60 ms (best variant); our time / mamba-ssm's reported when it is there.
@@ -200,13 +201,13 @@ def time_cuda(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
     return {"ms": statistics.median(ms), "ms_min": min(ms), "peak_mem_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
 
 
-def gpu_section(repeats: int, v2_chunks: list[int]) -> dict[str, Any]:
+def gpu_section(repeats: int, v2_chunks: list[int], v3_chunks: list[int] = ()) -> dict[str, Any]:
     import torch
 
     from kit.kernels.testing import max_scaled_error
 
     x = make_inputs(GPU_SHAPE, torch.bfloat16, "cuda", grad=True)
-    tritons = ["triton-v1"] + [f"triton-v2-T{c}" for c in v2_chunks]
+    tritons = ["triton-v1"] + [f"triton-v2-T{c}" for c in v2_chunks] + [f"triton-v3-T{c}" for c in v3_chunks]
     impls = tritons + ["chunked"]
     try:
         import mamba_ssm.ops.selective_scan_interface  # noqa: F401
@@ -412,7 +413,8 @@ def main(
     gpu: bool = typer.Option(True, help="run the GPU section when CUDA is available"),
     cpu: bool = typer.Option(True, help="run the CPU section"),
     out: Path = typer.Option(OUT, help="JSON results file"),
-    v2_chunks: str = typer.Option("128,256,512", help="chunk lengths (steps per tile) to time v2 at"),
+    v2_chunks: str = typer.Option("512", help="chunk lengths (steps per tile) to time v2 at"),
+    v3_chunks: str = typer.Option("512,1024", help="chunk lengths (steps per tile) to time v3 at ('' = skip v3)"),
 ) -> None:
     """Time the selective-scan implementations and check the issue's bars.
 
@@ -420,7 +422,7 @@ def main(
     Examples:
       python bench/kernels.py
       python bench/kernels.py --no-gpu --threads 2 --repeats 3
-      python bench/kernels.py --no-cpu --v2-chunks 256,512
+      python bench/kernels.py --no-cpu --v2-chunks 256,512 --v3-chunks 512
     """
     import torch
 
@@ -431,7 +433,8 @@ def main(
             report["cpu"] = cpu_section(threads, repeats)
         if gpu and torch.cuda.is_available():
             status.update("GPU: triton vs chunked vs mamba_ssm")
-            report["gpu"] = gpu_section(max(repeats, 20), [int(c) for c in v2_chunks.split(",") if c.strip()])
+            report["gpu"] = gpu_section(max(repeats, 20), [int(c) for c in v2_chunks.split(",") if c.strip()],
+                                        [int(c) for c in v3_chunks.split(",") if c.strip()])
     report["machine"]["load_average_at_end"] = os.getloadavg()
     show(report)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,9 +19,9 @@ from kit.errors import KitError
 from kit.kernels._inputs import check_scan_shapes
 
 DEFAULT_CHUNK = 64  # v1: steps per (BLOCK_D, N, T) tile
-V2_DEFAULT_CHUNK = 256  # v2: steps per (BLOCK_D, T) tile
-VARIANTS = {"v1": "_triton_scan_kernels.py", "v2": "_triton_scan_kernels_v2.py"}
-VARIANT_ENV = "KIT_TRITON_SCAN_VARIANT"  # v1 | v2 (default v2)
+V2_DEFAULT_CHUNK = 512  # v2, v3: steps per (BLOCK_D, T) tile (H100, L=2048: 3.6 ms fwd+bwd at 512, 5.0 at 256)
+VARIANTS = {"v1": "_triton_scan_kernels.py", "v2": "_triton_scan_kernels_v2.py", "v3": "_triton_scan_kernels_v3.py"}
+VARIANT_ENV = "KIT_TRITON_SCAN_VARIANT"  # v1 | v2 | v3 (default v2)
 CHUNK_ENV = "KIT_TRITON_SCAN_T"  # steps per tile when the caller gives no chunk_size
 _LOADED: dict[tuple[str, bool, bool], ModuleType] = {}
 _REV_MODE: dict[str, int] = {}
@@ -202,7 +202,7 @@ def selective_scan_triton(
     variant: str | None = None,
 ):
     """Same contract as ``selective_scan``; ``chunk_size`` (a power of two) sets the steps per tile (default:
-    $KIT_TRITON_SCAN_T, else 64 for v1 and 256 for v2); ``variant`` picks the kernel design (default:
+    $KIT_TRITON_SCAN_T, else 64 for v1 and 512 for v2 and v3); ``variant`` picks the kernel design (default:
     $KIT_TRITON_SCAN_VARIANT, else v2)."""
     check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if not u.is_cuda and not interpret_mode():
@@ -225,14 +225,15 @@ def selective_scan_triton(
 
 def compile_ahead(
     arch: int = 90, act_dtype: str = "bf16", grouped: bool = False, chunk: int | None = None, variant: str = "v1",
-    shapes: list[tuple[int, int]] | None = None, rev: int = 1, only: str | None = None,
+    shapes: list[tuple[int, int]] | None = None, rev: int = 1, only: str | None = None, probe: bool = True,
 ) -> dict:
     """Compile both kernels of ``variant`` for an NVIDIA target without a GPU (triton ships ptxas), with every option
     on. Returns {kernel name: compiled kernel} at the default block shape, or {"name BLOCK_Dxwarps": ...} for each
     of ``shapes`` ((BLOCK_D, num_warps) pairs); raises on any compile error.
 
     Catches what the interpreter cannot (it runs kernels as Python): compile-time type and constexpr errors.
-    ``rev`` is v2's reverse-scan operand order (see _reverse_mode); ``only`` = "fwd" or "bwd" compiles one kernel.
+    ``rev`` is v2's (and v3's) reverse-scan operand order (see _reverse_mode); ``only`` = "fwd" or "bwd" compiles one
+    kernel; ``probe`` adds the reverse-scan probe kernel (v2, v3; default shapes, both kernels only).
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -244,7 +245,7 @@ def compile_ahead(
     chunk = chunk or (DEFAULT_CHUNK if variant == "v1" else V2_DEFAULT_CHUNK)
     act = {"u_ptr", "dt_ptr", "z_ptr", "y_ptr", "B_ptr", "C_ptr", "dy_ptr", "du_ptr", "ddt_ptr", "dz_ptr"}
     flags = {"HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": True, "GROUPED": grouped, "T": chunk, "NP": 16}
-    if variant == "v2":
+    if variant != "v1":
         flags["NSTATE"] = 16
         flags["NP"] = _carry_width(chunk, 16)
         if shapes is None:  # what KIT_TRITON_AUTOTUNE=0 runs
@@ -265,7 +266,7 @@ def compile_ahead(
     out = {}
     for name, extra, which in (
         ("scan_fwd_kernel", {"HAS_H0": True, "STORE_STATES": True}, "fwd"),
-        ("scan_bwd_kernel", {"HAS_DLAST": True, **({"REV": rev} if variant == "v2" else {})}, "bwd"),
+        ("scan_bwd_kernel", {"HAS_DLAST": True, **({"REV": rev} if variant != "v1" else {})}, "bwd"),
     ):
         if only and only != which:
             continue
@@ -288,7 +289,7 @@ def compile_ahead(
             key = name if shapes is None else f"{name} {block_d}x{warps}"
             options = {"num_warps": warps, "num_stages": 1}
             out[key] = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    if variant == "v2" and shapes is None:  # the reverse-scan probe _reverse_mode runs on the device
+    if variant != "v1" and shapes is None and only is None and probe:  # the probe _reverse_mode runs on the device
         fn = k.rev_probe_kernel
         src = ASTSource(fn, {"a_ptr": "*bf16", "c_ptr": "*bf16", "g_ptr": "*fp32", "R": "constexpr", "T": "constexpr",
                              "REV": "constexpr"}, {"R": 4, "T": 256, "REV": rev})
