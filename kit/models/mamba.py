@@ -146,7 +146,9 @@ class MambaMixer(nn.Module):
         mask = None if attention_mask is None else attention_mask[:, :, None].to(hidden.dtype)
         if mask is not None:
             hidden = hidden * mask  # padded positions feed zeros, as transformers does
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (B, D, L) each
+        # Split before transposing: the gradient of in_proj's output is then one cat of two time-major (B, L, D)
+        # tensors, with no transposing cat and copy in the backward.
+        x, z = (t.transpose(1, 2) for t in self.in_proj(hidden).chunk(2, dim=-1))  # (B, D, L) views each
         impl = kernels.resolve_impl(self.scan_impl, hidden.device)
         if impl != "cpu":
             # A compact gate: the scan saves z for backward, and a view would keep all of in_proj's output alive.
