@@ -7,8 +7,9 @@ Same layout, loops and math as v2. What differs:
   chunk's last (forward) or first (backward) step; v2 read and wrote the register tile with two block reductions
   (a shared-memory round trip and barriers each) per state and chunk. One barrier per chunk orders the store
   before the next chunk's load (a block barrier also orders global memory among the program's threads).
-- The backward visits the states in an order rotated by the program id, so programs running side by side add dB
-  and dC into different rows (less same-address atomic contention in L2).
+- Less same-address atomic contention on dB and dC (every channel adds into the same (b, n, t) entries): the
+  backward visits the states in an order rotated by the program id, so programs running side by side add into
+  different rows, and adds into one of NPART copies of dB and dC (by program id; the caller sums them).
 """
 
 from __future__ import annotations
@@ -274,10 +275,10 @@ def scan_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dy_ptr, dlast_ptr,
     du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
     dim, length, hdim, nchunks,
-    s_bb, s_bg, s_bn,
+    s_bb, s_bg, s_bn, s_part,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DLAST: tl.constexpr, GROUPED: tl.constexpr, REV: tl.constexpr,
-    T: tl.constexpr, NSTATE: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr,
+    T: tl.constexpr, NSTATE: tl.constexpr, NP: tl.constexpr, NPART: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -301,6 +302,9 @@ def scan_bwd_kernel(
     # B_n, C_n are loaded as (BLOCK_D, T) tiles whose rows repeat (one group's row per channel): cached loads in
     # the tile's own layout, where a 1D row load would need a layout conversion through shared memory per state.
     bc = pid_b * s_bb + (offs_d // hdim).to(tl.int64) * s_bg
+    # dB, dC: NPART stacked copies of B's shape, s_part elements apart; this program's copy.
+    dB_ptr += (pid_d % NPART).to(tl.int64) * s_part
+    dC_ptr += (pid_d % NPART).to(tl.int64) * s_part
     # Q[:, n]: dL/dh at the step before the current chunk (a_t g_t at the chunk's first step), carried leftwards.
     # It lives in dh0[chan, n] (see the module docstring), which ends up holding dL/dh0.
     if HAS_DLAST:

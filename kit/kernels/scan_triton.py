@@ -19,6 +19,7 @@ from kit.errors import KitError
 from kit.kernels._inputs import check_scan_shapes
 
 DEFAULT_CHUNK = 64  # v1: steps per (BLOCK_D, N, T) tile
+V3_DB_PARTS = 8  # v3: copies of dB, dC the backward's atomics are spread over (8 MB each at B=8, N=16, L=2048)
 V2_DEFAULT_CHUNK = 512  # v2, v3: steps per (BLOCK_D, T) tile (H100, L=2048: 3.6 ms fwd+bwd at 512, 5.0 at 256)
 VARIANTS = {"v1": "_triton_scan_kernels.py", "v2": "_triton_scan_kernels_v2.py", "v3": "_triton_scan_kernels_v3.py"}
 VARIANT_ENV = "KIT_TRITON_SCAN_VARIANT"  # v1 | v2 | v3 (default v2)
@@ -155,7 +156,8 @@ class TritonScan(torch.autograd.Function):
         ddelta = torch.empty(delta.shape, dtype=delta.dtype, device=delta.device)
         dz = None if z is None else torch.empty(z.shape, dtype=z.dtype, device=z.device)
         dA = torch.empty(batch, dim, dstate, **f32)
-        dB, dC = torch.zeros(B.shape, **f32), torch.zeros(C.shape, **f32)
+        parts = V3_DB_PARTS if variant == "v3" else 1  # v3 spreads its dB/dC atomics over copies (summed below)
+        dB, dC = torch.zeros((parts, *B.shape), **f32), torch.zeros((parts, *C.shape), **f32)
         dD = torch.empty(batch, dim, **f32) if D is not None else None
         dbias = torch.empty(batch, dim, **f32) if delta_bias is not None else None
         dh0 = torch.empty(batch, dim, dstate, **f32)
@@ -172,8 +174,12 @@ class TritonScan(torch.autograd.Function):
             k.scan_bwd_kernel[grid](*args, dim, length, dstate, dim // groups, nchunks, *strides, **flags)
         else:
             flags["NP"] = _carry_width(chunk, dstate)
+            if variant == "v3":
+                flags["NPART"] = parts
+                strides = (*strides, dB[0].numel())
             k.scan_bwd_kernel[grid](*args, dim, length, dim // groups, nchunks, *strides, NSTATE=dstate,
                                     REV=_reverse_mode(u.device), **flags)
+        dB, dC = (dB[0], dC[0]) if parts == 1 else (dB.sum(0), dC.sum(0))
         return (
             du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             None if D is None else dD.sum(0).to(D.dtype), dz,
@@ -266,7 +272,8 @@ def compile_ahead(
     out = {}
     for name, extra, which in (
         ("scan_fwd_kernel", {"HAS_H0": True, "STORE_STATES": True}, "fwd"),
-        ("scan_bwd_kernel", {"HAS_DLAST": True, **({"REV": rev} if variant != "v1" else {})}, "bwd"),
+        ("scan_bwd_kernel", {"HAS_DLAST": True, **({"REV": rev} if variant != "v1" else {}),
+                             **({"NPART": V3_DB_PARTS} if variant == "v3" else {})}, "bwd"),
     ):
         if only and only != which:
             continue
