@@ -1,0 +1,204 @@
+"""Serving benchmark: `kit serve` on loopback under a bounded concurrent load, and batch scoring throughput.
+
+- Single-patient latency: C concurrent clients POST one Synthea patient Bundle (~1 MB of JSON, the largest shipped
+  example, parsing included) to /predict for D seconds; p50/p90/p99 latency, requests/s, failed requests.
+- Batch: the shipped patients POSTed together to /predict/batch, repeated; patients/s.
+- Memory: the server's RSS sampled every 0.5 s through the run (start, end, peak): flat means no growth.
+
+The server is the real `kit serve` command in a subprocess; the clients are asyncio (httpx) in this process.
+
+    python bench/serve.py --bundle kit-runs/demo/clinical.kitbundle              # 8 clients, 60 s
+    python bench/serve.py --bundle B --clients 4 --seconds 20 --no-explain
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench" / "out"
+EXAMPLES = REPO / "examples" / "data" / "fhir" / "synthea-bundles"
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int, every: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.every, self.samples, self.stop = pid, every, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.samples.append((time.perf_counter(), _rss_mb(self.pid)))
+            time.sleep(self.every)
+
+
+def start_server(bundle: Path, explain: bool) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "kit", "serve", "--bundle", str(bundle), "--port", "0"]  # info: uvicorn prints the port
+    if not explain:
+        cmd.append("--no-explain")
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            raise SystemExit("kit serve did not start:\n" + "".join(seen))
+        seen.append(line)
+        m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        if m:
+            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep the pipe drained
+            return proc, f"http://127.0.0.1:{m.group(1)}"
+    proc.kill()
+    raise SystemExit("kit serve did not report its port in 300 s")
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+async def load(url: str, body: bytes, clients: int, seconds: float) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    failures: dict[str, int] = {}
+    stop = time.perf_counter() + seconds
+    headers = {"Content-Type": "application/fhir+json"}
+
+    async def client(c: httpx.AsyncClient) -> None:
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            try:
+                r = await c.post(f"{url}/predict", content=body, headers=headers)
+                ok = r.status_code == 200
+                key = str(r.status_code)
+            except httpx.HTTPError as exc:
+                ok, key = False, type(exc).__name__
+            if ok:
+                latencies.append((time.perf_counter() - t0) * 1000)
+            else:
+                failures[key] = failures.get(key, 0) + 1
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as c:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(c) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    return {"requests": len(latencies), "failed": sum(failures.values()), "failures": failures, "wall_s": wall,
+            "rps": len(latencies) / wall, "p50_ms": pct(latencies, 50), "p90_ms": pct(latencies, 90),
+            "p99_ms": pct(latencies, 99), "max_ms": max(latencies, default=float("nan"))}
+
+
+def batch(url: str, docs: list[dict], repeats: int, per_request: int) -> dict:
+    """Every document once per repeat, `per_request` patients per /predict/batch call (under the size limit)."""
+    import httpx
+
+    bodies = [json.dumps(docs[i:i + per_request]).encode() for i in range(0, len(docs), per_request)]
+    times, ok = [], 0
+    with httpx.Client(timeout=600) as c:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            ok = 0
+            for body in bodies:
+                r = c.post(f"{url}/predict/batch", content=body, headers={"Content-Type": "application/fhir+json"})
+                r.raise_for_status()
+                ok += sum(e["response"]["status"] == "200" for e in r.json()["entry"])
+            times.append(time.perf_counter() - t0)
+    best = min(times)
+    return {"patients": len(docs), "per_request": per_request, "json_mb": sum(map(len, bodies)) / 1e6,
+            "repeats": repeats, "best_s": best, "median_s": sorted(times)[len(times) // 2],
+            "patients_per_s": len(docs) / best, "ok": ok}
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.release()}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path, default=REPO / "kit-runs" / "demo" / "clinical.kitbundle")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--batch-repeats", type=int, default=3)
+    ap.add_argument("--batch-per-request", type=int, default=10, help="patients per /predict/batch request")
+    ap.add_argument("--patient-mb", type=float, default=1.0, help="size of the single-patient Bundle to send")
+    ap.add_argument("--explain", action=argparse.BooleanOptionalAction, default=True)
+    args = ap.parse_args()
+    if not args.bundle.exists():
+        raise SystemExit(f"{args.bundle}: no bundle; run examples/demo.sh first or pass --bundle")
+    files = sorted(EXAMPLES.glob("*.json.gz"), key=lambda p: p.stat().st_size)
+    docs = [json.loads(gzip.decompress(p.read_bytes())) for p in files]
+    raw = [gzip.decompress(p.read_bytes()) for p in files]
+    single = min(raw, key=lambda b: abs(len(b) - args.patient_mb * 1e6))  # the patient closest to the asked size
+    load1 = os.getloadavg()
+    proc, url = start_server(args.bundle, args.explain)
+    sampler = RssSampler(proc.pid)
+    sampler.start()
+    try:
+        import httpx
+
+        for _ in range(3):  # warm-up: first-call costs (imports, allocator) are not steady-state latency
+            httpx.post(f"{url}/predict", content=single, headers={"Content-Type": "application/fhir+json"}, timeout=120)
+        rss_start = _rss_mb(proc.pid)
+        lat = asyncio.run(load(url, single, args.clients, args.seconds))
+        rss_after_load = _rss_mb(proc.pid)
+        bat = batch(url, docs, args.batch_repeats, args.batch_per_request)
+        rss_end = _rss_mb(proc.pid)
+    finally:
+        sampler.stop.set()
+        proc.terminate()
+        proc.wait(30)
+    peak = max((r for _, r in sampler.samples), default=float("nan"))
+    result = {
+        "machine": machine(), "loadavg_before": load1, "loadavg_after": os.getloadavg(), "bundle": str(args.bundle),
+        "explain": args.explain, "clients": args.clients, "seconds": args.seconds,
+        "single_patient_json_mb": len(single) / 1e6, "single": lat, "batch": bat,
+        "rss_mb": {"start": rss_start, "after_load": rss_after_load, "end": rss_end, "peak": peak,
+                   "series_10s": [round(r) for t, r in sampler.samples[::20]]},
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "serve.json").write_text(json.dumps(result, indent=1))
+    print(f"machine: {result['machine']}; load average before {load1[0]:.1f}, after {result['loadavg_after'][0]:.1f}")
+    print(f"/predict, one {result['single_patient_json_mb']:.2f} MB patient Bundle, {args.clients} clients x {args.seconds:.0f} s, "
+          f"explain={args.explain}:")
+    print(f"  {lat['requests']} ok, {lat['failed']} failed, {lat['rps']:.1f} req/s, p50 {lat['p50_ms']:.0f} ms, "
+          f"p90 {lat['p90_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms, max {lat['max_ms']:.0f} ms")
+    print(f"/predict/batch, {bat['patients']} patients ({bat['json_mb']:.1f} MB, {bat['per_request']} per request): best {bat['best_s']:.2f} s = "
+          f"{bat['patients_per_s']:.1f} patients/s ({bat['ok']} scored)")
+    r = result["rss_mb"]
+    print(f"server RSS MB: start {r['start']:.0f}, after load {r['after_load']:.0f}, end {r['end']:.0f}, peak {r['peak']:.0f}; "
+          f"every 10 s: {r['series_10s']}")
+    print(f"-> {OUT / 'serve.json'}")
+
+
+if __name__ == "__main__":
+    main()
