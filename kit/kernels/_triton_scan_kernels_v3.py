@@ -26,7 +26,9 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # (ptxas -v, at the benchmark's divisibility) lays a (BLOCK_D, T) tile out as 8 consecutive steps per thread, a warp
 # per 256 steps; at 8 ept the forward takes ~110 registers and the backward ~220 without spills, and the backward
 # spills heavily at 16 ept, so the forward tries 8-16 ept and the backward 4-8.
-SHAPES = [(1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8), (8, 4), (8, 8), (16, 8)]
+# v3 adds one- and two-warp programs: at T=512 a row then spans one or two warps, so its scans need fewer or no
+# cross-warp barriers (sm_90, ptxas -v: 1x1 fwd 124 registers, 1x2 bwd 168, 2x2 fwd 128, no spills).
+SHAPES = [(1, 1), (1, 2), (2, 2), (1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8), (8, 4), (8, 8), (16, 8)]
 # v3's forward has no carry tile (55 registers at 4 ept, T=512, 1x4; 96 at 8 ept), so it also tries 4 ept (occupancy).
 FWD_EPT, BWD_EPT = (4, 16), (4, 8)
 
