@@ -43,7 +43,7 @@ export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton-cache}"  # tests reuse
 export PYTHONUNBUFFERED=1
 # Timings first (the whole GPU to themselves), then the correctness suite at real shapes.
 if [ "$STEP" = all ] || [ "$STEP" = kernels ]; then
-  run kernels "${KERNELS_LIMIT:-120}" python bench/kernels.py --no-cpu --v2-chunks "${V2_CHUNKS:-512}" \
+  run kernels "${KERNELS_LIMIT:-110}" python bench/kernels.py --no-cpu --v2-chunks "${V2_CHUNKS:-512}" \
     --v3-chunks "${V3_CHUNKS-512,1024}" --out "$OUT/kernels.json"
 fi
 best=$(python -c "import json, sys; b = json.load(open(sys.argv[1]))['gpu'].get('best') or {}; print(b.get('variant', ''), b.get('chunk_size', ''))" "$OUT/kernels.json" 2>/dev/null)
@@ -52,7 +52,7 @@ export KIT_TRITON_SCAN_VARIANT="${best_variant:-${KIT_TRITON_SCAN_VARIANT:-}}"
 export KIT_TRITON_SCAN_T="${best_chunk:-${KIT_TRITON_SCAN_T:-}}"
 echo "== Triton scan variant '${KIT_TRITON_SCAN_VARIANT:-default}' chunk '${KIT_TRITON_SCAN_T:-default}' for the next steps" | tee -a "$OUT/summary.txt"
 if [ "$STEP" = all ] || [ "$STEP" = backbones ]; then
-  run backbones "${BACKBONES_LIMIT:-60}" python bench/backbones.py --device cuda --no-hf --out "$OUT/backbones.json"
+  run backbones "${BACKBONES_LIMIT:-70}" python bench/backbones.py --device cuda --no-hf --out "$OUT/backbones.json"
 fi
 if [ "$STEP" = all ] || [ "$STEP" = tests ]; then
   # One block shape for the tests keeps compiles short. --noconftest: the CPU-extension prebuild and data fixtures
