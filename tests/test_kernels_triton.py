@@ -48,7 +48,7 @@ def triton_interpreter():
 # one runs (bench/gpu_check.sh sets it to the benchmark's fastest correct design; compiles at real shapes take time).
 # In the interpreter the default design gets every case, the candidate v3 a few, v1 one (CI time).
 DEFAULT_VARIANT = scan_variant()
-VARIANTS = [DEFAULT_VARIANT] if CUDA else sorted({DEFAULT_VARIANT, "v3"})
+VARIANTS = [DEFAULT_VARIANT] if CUDA else sorted({DEFAULT_VARIANT, "v2", "v3"})
 ALL_VARIANTS = [DEFAULT_VARIANT] if CUDA else sorted({DEFAULT_VARIANT, "v1", "v3"})
 
 

@@ -22,7 +22,7 @@ DEFAULT_CHUNK = 64  # v1: steps per (BLOCK_D, N, T) tile
 V3_DB_PARTS = 8  # v3: copies of dB, dC the backward's atomics are spread over (8 MB each at B=8, N=16, L=2048)
 V2_DEFAULT_CHUNK = 512  # v2, v3: steps per (BLOCK_D, T) tile (H100, L=2048: 3.6 ms fwd+bwd at 512, 5.0 at 256)
 VARIANTS = {"v1": "_triton_scan_kernels.py", "v2": "_triton_scan_kernels_v2.py", "v3": "_triton_scan_kernels_v3.py"}
-VARIANT_ENV = "KIT_TRITON_SCAN_VARIANT"  # v1 | v2 | v3 (default v2)
+VARIANT_ENV = "KIT_TRITON_SCAN_VARIANT"  # v1 | v2 | v3 (default v3: fastest on the H100, see docs/benchmarks.md)
 CHUNK_ENV = "KIT_TRITON_SCAN_T"  # steps per tile when the caller gives no chunk_size
 _LOADED: dict[tuple[str, bool, bool], ModuleType] = {}
 _REV_MODE: dict[str, int] = {}
@@ -33,8 +33,8 @@ def interpret_mode() -> bool:
 
 
 def scan_variant(variant: str | None = None) -> str:
-    """The kernel design to run: ``variant``, else $KIT_TRITON_SCAN_VARIANT, else v2."""
-    name = (variant or os.environ.get(VARIANT_ENV, "") or "v2").strip().lower()
+    """The kernel design to run: ``variant``, else $KIT_TRITON_SCAN_VARIANT, else v3."""
+    name = (variant or os.environ.get(VARIANT_ENV, "") or "v3").strip().lower()
     if name not in VARIANTS:
         raise KitError(f"{VARIANT_ENV}={name!r} is not a Triton scan variant; choose one of: {', '.join(VARIANTS)}")
     return name
