@@ -198,21 +198,22 @@ def test_kit_predict_writes_risk_assessments_that_validate(tiny_clinical_bundle,
         assert r["method"]["coding"][0]["code"].startswith("kit-clinical")
         assert all(0.0 <= p["probabilityDecimal"] <= 1.0 for p in r["prediction"])
     assert "rejected" in proc.stderr and (tmp_path / "risk.ndjson.quarantine.ndjson").is_file()
+    # An event store, json lines, one task, no explanations (the command's function in process: no second start-up).
+    from kit.predict.cli import predict_command
+
     json_out = tmp_path / "p.ndjson"
-    proc = _kit("predict", "-b", str(tiny_clinical_bundle), str(tiny_clinical_bundle.parent / "events"), "-o", str(json_out),
-                "--no-explain", "--tasks", "mortality_1y")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    predict_command(inputs=[tiny_clinical_bundle.parent / "events"], bundle=tiny_clinical_bundle, out=str(json_out),
+                    fmt="json", as_of=None, tasks="mortality_1y", explain=False, chunk=3, batch_size=64, device="cpu")
     rows = [orjson.loads(line) for line in json_out.read_bytes().splitlines()]
     assert rows and {r["task"] for r in rows} == {"mortality_1y"} and all(r["top_events"] is None for r in rows)
     assert len({r["subject_id"] for r in rows}) == len(rows)
 
 
-def test_kit_predict_refuses_a_tampered_bundle(tiny_clinical_bundle, tmp_path):
+def test_a_tampered_bundle_is_refused(tiny_clinical_bundle, tmp_path):
     import shutil
 
     copy = tmp_path / "b"
     shutil.copytree(tiny_clinical_bundle, copy)
     (copy / "calibration.json").write_text("{}")
-    proc = _kit("predict", "--bundle", str(copy), str(EXAMPLE_BUNDLES), "--out", str(tmp_path / "x.ndjson"))
-    assert proc.returncode == 2 and "calibration.json" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "x.ndjson").exists()
+    with pytest.raises(KitError, match=r"calibration\.json (does not match its SHA-256|is \d+ bytes but)"):
+        Predictor.load(copy)  # `kit predict` and `kit serve` load through here (kit serve's exit is tested in test_serve)
