@@ -80,7 +80,8 @@ def tiny_clinical_bundle(tmp_path_factory) -> Path:
     """A small trained clinical bundle, built once per session by the real `kit finetune` workflow (in process).
 
     Trained on the 40 Synthea patients shipped in examples/data/fhir/synthea-bundles (no ../shared/data needed), with
-    60/20/20 subject splits, sequences cut to 48 tokens, a tiny Mamba, 2 pretraining and 3 finetuning steps: the
+    60/20/20 subject splits (23/9/8 patients, deceased ones in each), sequences cut to 48 tokens, a tiny Mamba,
+    2 pretraining and 3 finetuning steps: the
     metrics mean nothing, the files are real (calibration, report, model card, forgetting, MANIFEST hashes).
     Task heads: mortality_1y (binary), next_encounter_type_90d (multiclass), new_diagnosis_1y (multilabel);
     readmission_30d is in the dataset but held out of finetuning (`--hold-out-task`), and a 3-point LiNeS search
@@ -106,8 +107,9 @@ def tiny_clinical_bundle(tmp_path_factory) -> Path:
         data=[workdir / "events"],
         workdir=workdir,
         config=load_train_config(overrides=TINY_BUNDLE_TRAIN),
+        # This salt puts deceased patients in every split: mortality_1y has both outcomes in train, val and test.
         dataset_overrides=["tokenizer.max_len=48", f"tasks=[{','.join(TINY_BUNDLE_TASKS)}]", "splits.train=0.6",
-                           "splits.val=0.2", "splits.test=0.2"],
+                           "splits.val=0.2", "splits.test=0.2", "splits.salt=kit-tests-17"],
     )
     result = run_finetune(req, lambda _msg: None, lambda _label, _total: None)
     return result.bundle_dir

@@ -43,24 +43,32 @@ def dataset(tiny_clinical_bundle):
     return load_dataset(tiny_clinical_bundle.parent / "dataset")
 
 
-def test_held_out_task_gets_no_head_and_the_same_probe_before_and_after(bundle, dataset):
+def test_held_out_task_gets_no_head_and_a_row_in_the_report(bundle):
     assert HELD_OUT not in bundle.tasks["tasks"]
-    model = bundle.load_model()
-    assert HELD_OUT not in {t.name for t in model.config.tasks}
+    assert HELD_OUT not in {t.name for t in bundle.load_model().config.tasks}
     held = bundle.read_json("metrics.json")["forgetting"]["held_out_tasks"][HELD_OUT]
-    assert held["n_test"] == len(dataset.splits["test"][HELD_OUT].rows) > 0
-    # The recorded numbers are the probe on the starting weights (before) and on the shipped model (after).
-    kind = held["type"]
-    y = targets_array(kind, dataset.splits["test"][HELD_OUT].rows)
-    fn = metric_fn(kind, held["metric"])
-    after, _ = probe_scores(model, dataset, HELD_OUT, kind, torch.device("cpu"), seed=0, bf16=False)
-    apply_lines(model, load_state(bundle.path("lines/base.safetensors")), model_state(model), 0.0, 0.0)
-    before, _ = probe_scores(model, dataset, HELD_OUT, kind, torch.device("cpu"), seed=0, bf16=False)
-    assert json.dumps([fn(y, before), fn(y, after)]) == json.dumps([held["before"], held["after"]])  # NaN-safe
-    if not np.isnan(held["before"]) and not np.isnan(held["after"]):
-        assert held["change"] == pytest.approx(held["after"] - held["before"])
+    assert held["metric"] == "auroc" and held["probe"].startswith("logistic regression")
     md = (bundle.root / "report" / "report.md").read_text()
-    assert f"{HELD_OUT} {held['metric'].upper()} (held out, probe" in md
+    assert f"{HELD_OUT} AUROC (held out, probe; n={held['n_test']})" in md
+
+
+def test_held_out_probe_is_the_same_procedure_before_and_after(single_task_bundle, dataset):
+    """mortality_1y, held out of the single-task run, is measured by the same probe on the starting weights (before)
+    and on the shipped model (after): recomputed here from the bundle's lines/base.safetensors and model."""
+    bundle = open_bundle(single_task_bundle)
+    held = bundle.read_json("metrics.json")["forgetting"]["held_out_tasks"]["mortality_1y"]
+    assert held["n_test"] == len(dataset.splits["test"]["mortality_1y"].rows) > 0
+    model = bundle.load_model()
+    y = targets_array("binary", dataset.splits["test"]["mortality_1y"].rows)
+    after, n_train = probe_scores(model, dataset, "mortality_1y", "binary", torch.device("cpu"), seed=0, bf16=False)
+    apply_lines(model, load_state(bundle.path("lines/base.safetensors")), model_state(model), 0.0, 0.0)
+    before, _ = probe_scores(model, dataset, "mortality_1y", "binary", torch.device("cpu"), seed=0, bf16=False)
+    auroc = metric_fn("binary", "auroc")
+    assert (held["before"], held["after"], held["n_train"]) == (auroc(y, before), auroc(y, after), n_train)
+    assert 0 < held["before"] < 1 and 0 < held["after"] < 1
+    assert held["change"] == pytest.approx(held["after"] - held["before"])
+    lo, hi = held["change_ci95"]
+    assert lo <= hi
 
 
 def test_hold_out_and_single_task_mistakes_are_clear_errors(dataset):
@@ -123,17 +131,17 @@ def test_kit_lines_refuses_a_bundle_without_base_weights(tiny_clinical_bundle, t
 
 @pytest.fixture(scope="module")
 def single_task_bundle(tiny_clinical_bundle, tmp_path_factory) -> Path:
-    """`kit finetune --single-task next_encounter_type_90d --hold-out-task readmission_30d` on the shared bundle's
+    """`kit finetune --single-task next_encounter_type_90d --hold-out-task mortality_1y` on the shared bundle's
     dataset (so the same tokenizer), through the real CLI."""
     tmp = tmp_path_factory.mktemp("single")
     args = ["finetune", "--vertical", "clinical", "--data", str(tiny_clinical_bundle.parent / "dataset"),
-            "--workdir", str(tmp / "run"), "--single-task", "next_encounter_type_90d", "--hold-out-task", HELD_OUT]
+            "--workdir", str(tmp / "run"), "--single-task", "next_encounter_type_90d", "--hold-out-task", "mortality_1y"]
     for s in ["device=cpu", "model.size=tiny", "pretrain.steps=0", "finetune.steps=2", "finetune.eval_every=2",
-              "finetune.optim.batch_size=4", "n_bootstrap=5", "max_eval_rows=32", "lines.store_base=false"]:
+              "finetune.optim.batch_size=4", "n_bootstrap=20", "max_eval_rows=32"]:
         args += ["--set", s]
     proc = _kit(*args, cache=tmp / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "held-out tasks" in proc.stdout and HELD_OUT in proc.stdout
+    assert "held-out tasks" in proc.stdout and "mortality_1y" in proc.stdout
     return tmp / "run" / "bundle"
 
 
@@ -144,9 +152,8 @@ def test_multitask_versus_single_task_is_paired_on_the_same_rows(tiny_clinical_b
     from kit.eval.bundle_eval import evaluate_bundle
     from kit.eval.cli import comparison_table
 
-    assert not (single_task_bundle / "lines").exists()  # lines.store_base=false: no base weights kept
     single = json.loads((single_task_bundle / "metrics.json").read_text())
-    assert set(single["tasks"]) == {"next_encounter_type_90d"} and HELD_OUT in single["forgetting"]["held_out_tasks"]
+    assert set(single["tasks"]) == {"next_encounter_type_90d"}
     out = tmp_path / "eval"
     got = evaluate_bundle(tiny_clinical_bundle, tiny_clinical_bundle.parent / "dataset", out, n_boot=20,
                           compare=single_task_bundle)
@@ -170,15 +177,16 @@ def test_multitask_versus_single_task_is_paired_on_the_same_rows(tiny_clinical_b
 
 
 def test_compare_with_a_metrics_file_is_unpaired(tiny_clinical_bundle, single_task_bundle, tmp_path):
-    from kit.eval.bundle_eval import evaluate_bundle
+    from kit.eval.compare import _read_metrics, compare_unpaired
 
-    got = evaluate_bundle(tiny_clinical_bundle, tiny_clinical_bundle.parent / "dataset", tmp_path / "eval", n_boot=5,
-                          compare=single_task_bundle / "metrics.json")
-    c = got["comparison"]
+    mine = json.loads((tiny_clinical_bundle / "metrics.json").read_text())["tasks"]
+    c = compare_unpaired("multitask (3 tasks)", mine, _read_metrics(single_task_bundle / "metrics.json"),
+                         str(single_task_bundle / "metrics.json"))
     assert not c["paired"] and "unpaired" in c["note"] and c["other_label"] == "single-task (next_encounter_type_90d)"
-    assert c["tasks"]["next_encounter_type_90d"]["difference"]["ci95"] == [None, None]
+    t = c["tasks"]["next_encounter_type_90d"]
+    assert t["difference"]["ci95"] == [None, None] and t["this"] == mine["next_encounter_type_90d"]["model"]["auroc"]
+    assert set(c["tasks"]) == {"next_encounter_type_90d"}  # only the tasks both models have
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
     with pytest.raises(KitError, match="no per-task metrics"):
-        bad = tmp_path / "bad.json"
-        bad.write_text("{}")
-        evaluate_bundle(tiny_clinical_bundle, tiny_clinical_bundle.parent / "dataset", tmp_path / "eval2", n_boot=5,
-                        compare=bad)
+        _read_metrics(bad)

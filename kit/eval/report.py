@@ -119,8 +119,9 @@ def baseline_figure(tasks: dict[str, dict]) -> str | None:
             v = float("nan") if v is None else float(v)
             lo, hi = (m.get("ci95") or [None, None])[:2]
             vals.append(v)
-            errs[0].append(0 if lo is None or math.isnan(float(lo)) or math.isnan(v) else v - float(lo))
-            errs[1].append(0 if hi is None or math.isnan(float(hi)) or math.isnan(v) else float(hi) - v)
+            # A percentile interval need not contain the point estimate (few subjects): clip, never a negative bar.
+            errs[0].append(0 if lo is None or math.isnan(float(lo)) or math.isnan(v) else max(0.0, v - float(lo)))
+            errs[1].append(0 if hi is None or math.isnan(float(hi)) or math.isnan(v) else max(0.0, float(hi) - v))
         ax.barh(y + off, np.nan_to_num(vals), height=0.34, xerr=errs, color=color, label=who, capsize=2)
     ax.axvline(0.5, color="grey", ls=":", lw=1)
     ax.set_yticks(y, [n for n, _ in rows], fontsize=8)
