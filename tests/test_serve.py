@@ -119,6 +119,11 @@ def test_plain_json_content_type_and_explain_switch(client, patient_docs):
     assert resp.status_code == 200
     risks = [e["resource"] for e in resp.json()["entry"] if e["resource"]["resourceType"] == "RiskAssessment"]
     assert risks and all(r["basis"] == [r["subject"]] and "note" not in r for r in risks)
+    body = orjson.dumps(patient_docs[1])
+    dated = client.post("/predict?explain=false&as_of=2015-06-01T12:00:00%2B02:00", content=body, headers=FHIR).json()
+    times = {e["resource"]["occurrenceDateTime"] for e in dated["entry"] if e["resource"]["resourceType"] == "RiskAssessment"}
+    assert times <= {"2015-06-01T10:00:00Z"}  # UTC; no entry at all when the patient has no history before then
+    _validate_outcome(client.post("/predict?as_of=yesterday", content=body, headers=FHIR), 422)
 
 
 def test_batch_scores_each_document_or_says_why(client, patient_docs, predictor):

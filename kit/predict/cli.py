@@ -45,6 +45,10 @@ def predict_command(
     from kit.predict.predictor import Predictor, ingest_to_store
 
     t0 = time.perf_counter()
+    if as_of is not None:
+        from kit.predict.predictor import _utc
+
+        _utc(as_of, "--as-of")  # a bad time stops here, before any ingest or scoring
     predictor = Predictor.load(bundle, device=device, batch_size=batch_size)
     wire = get_format(predictor.bundle.vertical, fmt)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
