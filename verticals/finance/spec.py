@@ -17,15 +17,13 @@ Unknown fields and impossible combinations fail with a message naming the field 
 from __future__ import annotations
 
 import re
-import tomllib
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kit.errors import KitError
+from kit.specfile import parse_spec, read_spec_file
 
 TaskType = Literal["binary", "multiclass"]
 METRICS: dict[str, tuple[str, ...]] = {"binary": ("auroc", "auprc"), "multiclass": ("auroc", "accuracy")}
@@ -174,42 +172,10 @@ class TaskSpec(_Strict):
         return f"[TASK:{self.name}]"
 
 
-def _format_error(source: str, exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p[0].isupper() and "Rule" in p))
-        loc = ".".join(p for p in loc.split(".") if p not in _RULE_TYPES) if loc.startswith("label.") else loc
-        if err["type"] == "extra_forbidden":
-            lines.append(f"unknown field `{loc}`")
-        elif err["type"] == "missing":
-            lines.append(f"missing field `{loc}`")
-        elif err["type"] == "value_error":
-            msg = str(err.get("ctx", {}).get("error", err["msg"]))
-            lines.append(msg if msg.startswith("field `") else f"field `{loc}`: {msg}")
-        elif err["type"] == "union_tag_invalid":
-            lines.append(f"field `{loc}.rule`: unknown label rule; use one of {', '.join(_RULE_TYPES)}")
-        else:
-            lines.append(f"field `{loc or '(top)'}`: {err['msg']}")
-    return f"task spec {source}: " + "; ".join(lines)
-
-
 def parse_task_spec(data: dict, source: str = "<dict>") -> TaskSpec:
-    if not isinstance(data, dict):
-        raise KitError(f"task spec {source}: expected a mapping of fields, got {type(data).__name__}")
-    try:
-        return TaskSpec.model_validate(data)
-    except ValidationError as exc:
-        raise KitError(_format_error(source, exc)) from None
+    return parse_spec(TaskSpec, data, source, _RULE_TYPES)
 
 
 def load_task_spec(path: Path | str) -> TaskSpec:
     """Read a task spec from YAML (.yaml/.yml) or TOML (.toml)."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    except FileNotFoundError:
-        raise KitError(f"task spec {path}: file not found") from None
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-        raise KitError(f"task spec {path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'} ({exc})") from None
-    return parse_task_spec(data, str(path))
+    return parse_task_spec(read_spec_file(path), str(path))
