@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Iterable, TypeVar
+from typing import Callable, Iterable, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -54,3 +54,26 @@ def read_spec_file(path: Path | str) -> object:
         raise KitError(f"task spec {path}: file not found") from None
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         raise KitError(f"task spec {path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'} ({exc})") from None
+
+
+def select_specs(vertical: str, shipped: dict[str, M], names: list[str] | None, files: Iterable[str],
+                 load: Callable[[str], M]) -> list[M]:
+    """The shipped specs named (all when None and no files), then the user's spec files; names must be unique."""
+    files = list(files)
+    specs: list[M] = []
+    if names is None:
+        specs = list(shipped.values()) if not files else []
+    else:
+        for n in names:
+            if n not in shipped:
+                raise KitError(f"unknown {vertical} task '{n}'; available: {', '.join(shipped)}")
+            specs.append(shipped[n])
+    specs += [load(f) for f in files]
+    seen: set[str] = set()
+    for s in specs:
+        if s.name in seen:
+            raise KitError(f"task '{s.name}' is listed twice; task names must be unique")
+        seen.add(s.name)
+    if not specs:
+        raise KitError("no tasks selected")
+    return specs

@@ -11,7 +11,7 @@ import polars as pl
 
 import yaml
 
-from kit.errors import KitError
+from kit.specfile import select_specs
 from verticals.clinical.labelers import ClinicalTask, FollowUp, choose_condition_codes
 from verticals.clinical.spec import NewConditionRule, NextEncounterClassRule, TaskSpec, load_task_spec, parse_task_spec
 
@@ -54,25 +54,7 @@ class ClinicalVertical:
 
     def load_tasks(self, names: list[str] | None, files: list[str] = ()) -> list[TaskSpec]:
         """The shipped tasks named (all when None), then the user's spec files; names must be unique."""
-        shipped = _shipped()
-        specs: list[TaskSpec] = []
-        if names is None:
-            specs = list(shipped.values()) if not files else []
-        else:
-            for n in names:
-                if n not in shipped:
-                    raise KitError(f"unknown clinical task '{n}'; available: {', '.join(shipped)}")
-                specs.append(shipped[n])
-        for f in files:
-            specs.append(load_task_spec(f))
-        seen: set[str] = set()
-        for s in specs:
-            if s.name in seen:
-                raise KitError(f"task '{s.name}' is listed twice; task names must be unique")
-            seen.add(s.name)
-        if not specs:
-            raise KitError("no tasks selected")
-        return specs
+        return select_specs("clinical", _shipped(), names, files, load_task_spec)
 
     def prepare(self, specs: list[TaskSpec], train_events: pl.LazyFrame, context: dict[str, Any]) -> list[ClinicalTask]:
         fu = context.get("follow_up") or {}
