@@ -443,3 +443,31 @@ def test_models_import_without_the_data_stack() -> None:
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "torch.Size([1, 1])" in proc.stdout
+
+
+def test_stepped_scoring_matches_whole_rows_and_ignores_batch_company() -> None:
+    """A Mamba model scores rows by reading each distinct history once and stepping the task token from its state:
+    the same logits as the whole row (to fp32 rounding), and exactly the same whatever else shares the batch."""
+    import numpy as np
+
+    from kit.eval.scoring import _stepped_logits, _whole_row_logits, row_logits
+    from kit.train.batching import Row
+
+    torch.manual_seed(0)
+    model = tiny_model("mamba", InputsConfig(time=True, age=True, num_token_types=9, max_visits=8))
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in (1, 3, 9, 40, 40, 57):  # histories of 0..56 tokens (n - 1), two of the same length
+        hist = rng.integers(5, VOCAB, n - 1)
+        for k, task in enumerate(["mortality", "los_bucket", "diagnoses"][: 1 + n % 3]):  # tasks share a history
+            rows.append(Row(np.append(hist, 1 + k).astype(np.int64), rng.random(n).astype(np.float32) * 30,
+                            np.full(n, 60.0, np.float32), np.append(np.full(n - 1, 2), 8).astype(np.int64),
+                            np.zeros(n, np.int64), task, np.zeros(1, np.float32), None, 1.0))
+    assert model.streams_state
+    stepped = _stepped_logits(model, rows, "cpu", batch_size=4, bf16=False, task=None)
+    whole = _whole_row_logits(model, rows, "cpu", batch_size=4, bf16=False, task=None)
+    for a, b in zip(stepped, whole, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(stepped, row_logits(model, rows, "cpu", batch_size=64, bf16=False)))
+    for i in (0, 5, len(rows) - 1):  # alone, a row gets the very same numbers
+        assert torch.equal(row_logits(model, [rows[i]], "cpu", bf16=False)[0], stepped[i])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kit.train.batching import Row, collate, model_inputs
+from kit.train.batching import Row, collate, collate_histories, collate_last_tokens, model_inputs
 from kit.train.objectives import autocast, next_event_loss, used_inputs
 
 
@@ -23,8 +23,17 @@ def scores_from_outputs(kind: str, raw: torch.Tensor) -> np.ndarray:
 def row_logits(model, rows: list[Row], device, *, batch_size: int = 64, bf16: bool = True,
                task: str | None = None) -> list[torch.Tensor]:
     """Each row's task head output (its logits, (K,) fp32 on CPU): the head of `task`, or of each row's own task, so
-    rows of several tasks can share a batch (the Predictor scores all of a subject's tasks in one pass)."""
+    rows of several tasks can share a batch (the Predictor scores all of a subject's tasks in one pass).
+
+    With a recurrent backbone each distinct history is read once and every row's task token is stepped from its state
+    (a subject's tasks share one history pass); rows are otherwise scored whole."""
     model.eval()
+    if getattr(model, "streams_state", False):
+        return _stepped_logits(model, rows, device, batch_size=batch_size, bf16=bf16, task=task)
+    return _whole_row_logits(model, rows, device, batch_size=batch_size, bf16=bf16, task=task)
+
+
+def _whole_row_logits(model, rows: list[Row], device, *, batch_size: int, bf16: bool, task: str | None) -> list[torch.Tensor]:
     out_rows: list[torch.Tensor] = []
     for i in range(0, len(rows), batch_size):
         part = rows[i : i + batch_size]
@@ -35,6 +44,52 @@ def row_logits(model, rows: list[Row], device, *, batch_size: int = 64, bf16: bo
         heads = {t: out.task_outputs[t].float().cpu() for t in set(names)}
         out_rows.extend(heads[t][j] for j, t in enumerate(names))
     return out_rows
+
+
+# CPU GEMMs over fewer rows than this take another kernel (GEMV) that rounds differently; every stepped model call
+# covers at least this many rows so a row's score never depends on what shares its batch (evaluation and the
+# Predictor batch differently and must agree exactly).
+_MIN_ROWS = 8
+
+
+def _history_key(r: Row) -> bytes:
+    return b"".join(a[:-1].tobytes() for a in (r.input_ids, r.time, r.age, r.token_type, r.visit))
+
+
+def _stepped_logits(model, rows: list[Row], device, *, batch_size: int, bf16: bool, task: str | None) -> list[torch.Tensor]:
+    from kit.models.mamba import MambaState
+
+    used = set(used_inputs(model))
+    members: dict[bytes, list[int]] = {}
+    for i, r in enumerate(rows):
+        members.setdefault(_history_key(r), []).append(i)
+    # Histories share a batch only with histories of the same length: no padding beyond the fixed minimum, so a
+    # history's state never depends on which others were read beside it.
+    by_length: dict[int, list[list[int]]] = {}
+    for m in members.values():
+        by_length.setdefault(max(_MIN_ROWS, len(rows[m[0]].input_ids) - 1), []).append(m)
+    batches = [g[s:s + batch_size] for _, g in sorted(by_length.items()) for s in range(0, len(g), batch_size)]
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    dev = torch.device(device)
+
+    def inputs(batch: dict) -> dict:
+        return {k: v.to(dev) for k, v in batch.items() if k in ("input_ids", "attention_mask") or k in used}
+
+    for part in batches:
+        with autocast(dev, bf16):
+            state = model.history_state(**inputs(collate_histories([rows[m[0]] for m in part], min_len=_MIN_ROWS)))
+        todo = [(i, g) for g, m in enumerate(part) for i in m]
+        for s in range(0, len(todo), batch_size):
+            chunk = todo[s:s + batch_size]
+            chunk = chunk + [chunk[-1]] * (_MIN_ROWS - len(chunk))  # repeated rows are computed and dropped
+            index = torch.tensor([g for _, g in chunk], device=dev)
+            step_state = MambaState(conv=[c[index] for c in state.conv], ssm=[h[index] for h in state.ssm])
+            with autocast(dev, bf16):
+                heads = model.task_step(step_state, **inputs(collate_last_tokens([rows[i] for i, _ in chunk])))
+            for k, (i, _) in enumerate(chunk):
+                if out[i] is None:
+                    out[i] = heads[task or rows[i].task][k].float().cpu()
+    return out
 
 
 def task_logits(model, rows: list[Row], task: str, device, *, batch_size: int = 64, bf16: bool = True) -> torch.Tensor:

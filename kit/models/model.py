@@ -11,7 +11,7 @@ from torch import nn
 from kit.models.config import BackboneConfig, InputsConfig, ModelConfig, TaskSpec
 from kit.models.heads import TaskHeads, gather_positions, last_token_positions
 from kit.models.inputs import InputEmbeddings
-from kit.models.mamba import MambaBackbone, MambaSpec
+from kit.models.mamba import MambaBackbone, MambaSpec, MambaState
 from kit.models.transformer import build_llama
 
 
@@ -77,8 +77,7 @@ class KitModel(nn.Module):
 
         Task heads read `task_positions` (B,), defaulting to each row's last real token.
         """
-        embeds = self.backbone.get_input_embeddings()(input_ids)
-        embeds = self.inputs(embeds, time=time, age=age, token_type_ids=token_type_ids, visit_ids=visit_ids)
+        embeds = self._embed(input_ids, time, age, token_type_ids, visit_ids)
         hidden = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
         out = ModelOutput(hidden_states=hidden)
         if compute_lm_logits and self.lm_head is not None:
@@ -89,6 +88,33 @@ class KitModel(nn.Module):
             out.task_hidden = gather_positions(hidden, task_positions)
             out.task_outputs = self.task_heads(out.task_hidden)
         return out
+
+    def _embed(self, input_ids, time, age, token_type_ids, visit_ids) -> torch.Tensor:
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        return self.inputs(embeds, time=time, age=age, token_type_ids=token_type_ids, visit_ids=visit_ids)
+
+    @property
+    def streams_state(self) -> bool:
+        """Whether the backbone carries a recurrent state, so a history can be read once and each task token stepped
+        from it (`history_state`, `task_step`) instead of re-reading the history per task."""
+        return isinstance(self.backbone, MambaBackbone)
+
+    def history_state(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, time=None, age=None,
+                      token_type_ids=None, visit_ids=None) -> MambaState:
+        """The backbone's state after each row's last token, for LEFT-padded histories (B, L). Padded positions feed
+        zeros, which leave a zero state zero: each row's state is the one its unpadded history gives (with an in_proj
+        bias, the bias of padded positions reaches the first real tokens' conv, as in transformers' Mamba)."""
+        if not self.streams_state:
+            raise TypeError("history_state needs a recurrent (Mamba) backbone")
+        embeds = self._embed(input_ids, time, age, token_type_ids, visit_ids)
+        return self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, return_state=True).state
+
+    def task_step(self, state: MambaState, input_ids: torch.Tensor, *, time=None, age=None, token_type_ids=None,
+                  visit_ids=None) -> dict[str, torch.Tensor]:
+        """Task heads' outputs for one token per row (B, 1), read after `state` (from `history_state`)."""
+        embeds = self._embed(input_ids, time, age, token_type_ids, visit_ids)
+        hidden = self.backbone(inputs_embeds=embeds, state=state).last_hidden_state
+        return self.task_heads(hidden[:, -1])
 
     def save_pretrained(self, directory: str | Path) -> Path:
         from kit.models.checkpoint import save_pretrained

@@ -129,9 +129,10 @@ class Predictor:
 
         bundle = open_bundle(path, cache_dir=cache_dir)
         dev = resolve_device(device)
+        # Parameters keep requires_grad as loaded: PyTorch's matmul picks its kernel by it (even under no_grad), and
+        # evaluation scores a loaded model, so flipping it here would change last digits. Attributions ask autograd
+        # for the inputs' gradient only, so no parameter gradient is computed either way.
         model = bundle.load_model().to(dev).eval()
-        for p in model.parameters():
-            p.requires_grad_(False)  # attributions take gradients for the inputs only
         return cls(bundle, model, Tokenizer.load(bundle.path("tokenizer.json")), dev, batch_size=batch_size)
 
     @property

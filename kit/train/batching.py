@@ -104,6 +104,38 @@ def collate(rows: list[Row], pad_id: int = 0) -> dict[str, torch.Tensor | list[s
     }
 
 
+def collate_histories(rows: list[Row], *, min_len: int = 1, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """LEFT-pad each row's history (the row without its last token, the task token) to a common length of at least
+    `min_len`, so every row's history ends at the last position, where a recurrent backbone's state is read."""
+    n = max(min_len, max(len(r.input_ids) - 1 for r in rows))
+    b = len(rows)
+    out = {"input_ids": np.full((b, n), pad_id, dtype=np.int64), "attention_mask": np.zeros((b, n), dtype=np.int64),
+           "time": np.zeros((b, n), dtype=np.float32), "age": np.zeros((b, n), dtype=np.float32),
+           "token_type_ids": np.zeros((b, n), dtype=np.int64), "visit_ids": np.zeros((b, n), dtype=np.int64)}
+    for i, r in enumerate(rows):
+        k = len(r.input_ids) - 1
+        if k <= 0:
+            continue
+        out["input_ids"][i, n - k:] = r.input_ids[:-1]
+        out["attention_mask"][i, n - k:] = 1
+        out["time"][i, n - k:] = r.time[:-1]
+        out["age"][i, n - k:] = r.age[:-1]
+        out["token_type_ids"][i, n - k:] = r.token_type[:-1]
+        out["visit_ids"][i, n - k:] = r.visit[:-1]
+    return {k: torch.from_numpy(v) for k, v in out.items()}
+
+
+def collate_last_tokens(rows: list[Row]) -> dict[str, torch.Tensor]:
+    """Each row's last token (the task token) as a (B, 1) batch."""
+    return {
+        "input_ids": torch.from_numpy(np.array([[r.input_ids[-1]] for r in rows], dtype=np.int64)),
+        "time": torch.from_numpy(np.array([[r.time[-1]] for r in rows], dtype=np.float32)),
+        "age": torch.from_numpy(np.array([[r.age[-1]] for r in rows], dtype=np.float32)),
+        "token_type_ids": torch.from_numpy(np.array([[r.token_type[-1]] for r in rows], dtype=np.int64)),
+        "visit_ids": torch.from_numpy(np.array([[r.visit[-1]] for r in rows], dtype=np.int64)),
+    }
+
+
 def model_inputs(batch: dict, device: torch.device | str, used: list[str]) -> dict[str, torch.Tensor]:
     """The tensors a KitModel forward takes, on `device`; `used` names the optional feature tensors it was built with."""
     keys = ["input_ids", "attention_mask", "task_positions", *used]
