@@ -19,7 +19,7 @@ from kit.kernels.testing import ScanCase, make_scan_inputs
 from kit.kernels.testing import check_against_reference as check_scan
 
 pytest.importorskip("triton")
-from kit.kernels.scan_triton import scan_variant, selective_scan_triton  # noqa: E402
+from kit.kernels.scan_triton import selective_scan_triton  # noqa: E402
 
 torch.set_num_threads(1)
 CUDA = torch.cuda.is_available()
@@ -44,23 +44,14 @@ def triton_interpreter():
         yield
 
 
-# The kernel designs in kit/kernels (KIT_TRITON_SCAN_VARIANT picks one, else the default). On CUDA only the chosen
-# one runs (bench/gpu_check.sh sets it to the benchmark's fastest correct design; compiles at real shapes take time).
-# In the interpreter the default design gets every case, the candidate v3 a few, v1 one (CI time).
-DEFAULT_VARIANT = scan_variant()
-VARIANTS = [DEFAULT_VARIANT] if CUDA else sorted({DEFAULT_VARIANT, "v2", "v3"})
-ALL_VARIANTS = [DEFAULT_VARIANT] if CUDA else sorted({DEFAULT_VARIANT, "v1", "v3"})
-
-
-def check_against_reference(
-    case: ScanCase, dtype: torch.dtype, chunk: int | None, variant: str, device: str = DEVICE,
-) -> None:
-    check_scan(selective_scan_triton, case, dtype, TOLERANCES[dtype], device=device, chunk_size=chunk, variant=variant)
+def check_against_reference(case: ScanCase, dtype: torch.dtype, chunk: int | None, device: str = DEVICE) -> None:
+    check_scan(selective_scan_triton, case, dtype, TOLERANCES[dtype], device=device, chunk_size=chunk)
 
 
 # The same coverage on CPU and GPU: L=1, L not a multiple of the chunk, N in {1, 4, 16}, grouped B/C (with a
 # block straddling groups), flags on and off. In the interpreter at tiny shapes (B <= 2, D <= 32, L <= 128) so
-# it stays fast; compiled on CUDA at real shapes.
+# it stays fast; compiled on CUDA at real shapes. The multi-chunk cases with two channel blocks check the carries
+# between chunks and the backward's per-program state order.
 if CUDA:
     CASES = [
         (ScanCase(2, 1536, 2048, 16), None),
@@ -86,41 +77,26 @@ else:
     NON_CONTIGUOUS = (ScanCase(1, 4, 20, 4, groups=2), 8)
 
 
-def _fp32_runs() -> list:
-    runs = []
-    for i, (case, chunk) in enumerate(CASES):
-        for variant in ALL_VARIANTS:
-            # Interpreter: v1 on the grouped multi-chunk case; v3 on a multi-chunk case (its carries) with two channel
-            # blocks (its per-program state order), and on N = 1 without the optional inputs.
-            picked = {"v1": (4,), "v3": (1, 2)}.get(variant, ())
-            if CUDA or variant == DEFAULT_VARIANT or i in picked:
-                runs.append(pytest.param(case, chunk, variant, id=f"{case}-T{chunk}-{variant}"))
-    return runs
+@pytest.mark.parametrize("case,chunk", [pytest.param(case, chunk, id=f"{case}-T{chunk}") for case, chunk in CASES])
+def test_triton_matches_reference_fp32(case, chunk):
+    check_against_reference(case, torch.float32, chunk)
 
 
-@pytest.mark.parametrize("case,chunk,variant", _fp32_runs())
-def test_triton_matches_reference_fp32(case, chunk, variant):
-    check_against_reference(case, torch.float32, chunk, variant)
-
-
-@pytest.mark.parametrize("variant", [DEFAULT_VARIANT])  # the inputs' load and cast paths are shared by v2 and v3
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_triton_matches_reference_low_precision(dtype, variant):
-    check_against_reference(LOW_PRECISION, dtype, None if CUDA else 16, variant)
+def test_triton_matches_reference_low_precision(dtype):
+    check_against_reference(LOW_PRECISION, dtype, None if CUDA else 16)
 
 
-@pytest.mark.parametrize("variant", [DEFAULT_VARIANT])
-def test_triton_takes_non_contiguous_inputs(variant):
+def test_triton_takes_non_contiguous_inputs():
     # A Mamba block hands the scan transposed views (u, z from in_proj; B, C from x_proj).
     case, chunk = NON_CONTIGUOUS
     check_scan(selective_scan_triton, case, torch.float32, TOLERANCES[torch.float32], device=DEVICE,
-               transposed=True, chunk_size=chunk, variant=variant)
+               transposed=True, chunk_size=chunk)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_triton_two_halves_with_carried_state_equal_one_scan(variant, monkeypatch):
-    # impl="triton" through the dispatcher, with the variant chosen by its environment variable.
-    monkeypatch.setenv("KIT_TRITON_SCAN_VARIANT", variant)
+def test_triton_two_halves_with_carried_state_equal_one_scan(monkeypatch):
+    # impl="triton" through the dispatcher, with the steps per tile set by its environment variable.
+    monkeypatch.setenv("KIT_TRITON_SCAN_T", "16")
     case = ScanCase(1, 8, 40, 4)
     x = {k: (v.detach() if v is not None else None) for k, v in make_scan_inputs(case, device=DEVICE).items()}
     kw = dict(D=x["D"], delta_bias=x["delta_bias"], delta_softplus=True, return_last_state=True, impl="triton")
@@ -135,27 +111,24 @@ def test_triton_two_halves_with_carried_state_equal_one_scan(variant, monkeypatc
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter-only check")
-@pytest.mark.parametrize("variant", [DEFAULT_VARIANT])  # v3 uses v2's scan helpers and combine functions
-def test_triton_native_scan_flip_and_sum_in_interpreter(variant):
+def test_triton_native_scan_flip_and_sum_in_interpreter():
     # The interpreter normally swaps tl.associative_scan/tl.flip/tl.sum for numpy stand-ins (speed, and those
     # helpers only interpret when TRITON_INTERPRET is set before triton is imported). A fresh process with the
-    # variable set from the start runs Triton's own versions once, at a very small shape (v2's tl.flip fallback
-    # is left to test_v2_flip_fallback_matches_reference_on_gpu: CI time).
+    # variable set from the start runs Triton's own versions once, at a very small shape (the tl.flip fallback
+    # is left to test_flip_fallback_matches_reference_on_gpu: CI time).
     code = (
         "import os, torch\n"
         "from kit.kernels.scan_triton import selective_scan_triton, _reverse_mode\n"
         "from kit.kernels.testing import ScanCase, check_against_reference\n"
-        "variant = os.environ['KIT_TRITON_SCAN_VARIANT']\n"
-        "mode = '' if variant == 'v1' else str(_reverse_mode(torch.device('cpu')))\n"
-        "assert mode in ('1', '2', ''), mode\n"
-        "os.environ['KIT_TRITON_REV_MODE'] = mode  # v2, v3: the probed order (the flip fallback: a CUDA test)\n"
+        "mode = str(_reverse_mode(torch.device('cpu')))\n"
+        "assert mode in ('1', '2'), mode\n"
+        "os.environ['KIT_TRITON_REV_MODE'] = mode  # the probed order (the flip fallback: a CUDA test)\n"
         "for case in (ScanCase(1, 4, 6, 2, groups=2), ScanCase(1, 2, 11, 2)):\n"
         "    check_against_reference(selective_scan_triton, case, torch.float32,\n"
         f"                            {TOLERANCES[torch.float32]!r}, chunk_size=4)\n"
         "print('native ok')\n"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "KIT_TRITON_NATIVE_SCAN": "1", "OMP_NUM_THREADS": "1",
-           "KIT_TRITON_SCAN_VARIANT": variant}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "KIT_TRITON_NATIVE_SCAN": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "native ok" in out.stdout
@@ -166,26 +139,25 @@ def test_triton_native_scan_flip_and_sum_in_interpreter(variant):
 def test_triton_kernels_compile_for_h100_without_a_gpu():
     # The interpreter runs kernels as Python, so it cannot see compile-time errors (a non-constexpr global once
     # got through it). Compile both kernels for sm_90 with triton's bundled ptxas, in a process without
-    # TRITON_INTERPRET. CI time: the default design only, at its default chunk and block shape, ungrouped, with the
-    # reverse-scan order the H100 probe picks (1), plus the probe kernel. The other designs, grouped B/C and the other
-    # reverse-scan orders compile in the GPU run (bench/gpu_check.sh), which records any failure.
+    # TRITON_INTERPRET. CI time: the default chunk and block shape only, ungrouped, with the reverse-scan order the
+    # H100 probe picks (1), plus the probe kernel. Grouped B/C, other chunks and the other reverse-scan orders compile
+    # in the GPU run (bench/gpu_check.sh), which records any failure.
     code = (
         "from kit.kernels.scan_triton import compile_ahead, resource_usage\n"
-        f"for variant in [{DEFAULT_VARIANT!r}]:\n"
-        "    kernels = compile_ahead(90, 'bf16', variant=variant)\n"
-        "    assert all('.target sm_90' in k.asm['ptx'] for k in kernels.values())\n"
-        "    for name, k in kernels.items():\n"
-        "        usage = resource_usage(k)\n"
-        "        print(variant, name, usage)\n"
-        "        assert (usage['spill_stores'] or 0) <= 256, (variant, name, usage)  # no big spills\n"
-        "    print('compiled', variant, sorted(k for k in kernels if k != 'rev_probe_kernel'))\n"
+        "kernels = compile_ahead(90, 'bf16')\n"
+        "assert all('.target sm_90' in k.asm['ptx'] for k in kernels.values())\n"
+        "for name, k in kernels.items():\n"
+        "    usage = resource_usage(k)\n"
+        "    print(name, usage)\n"
+        "    assert (usage['spill_stores'] or 0) <= 256, (name, usage)  # no big spills\n"
+        "print('compiled', sorted(k for k in kernels if k != 'rev_probe_kernel'))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(OMP_NUM_THREADS="1", TRITON_DEFAULT_FP_FUSION="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     print(out.stdout)
-    assert f"compiled {DEFAULT_VARIANT} ['scan_bwd_kernel', 'scan_fwd_kernel']" in out.stdout
+    assert "compiled ['scan_bwd_kernel', 'scan_fwd_kernel']" in out.stdout
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -197,17 +169,15 @@ def test_auto_picks_triton_on_cuda(monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_v2_flip_fallback_matches_reference_on_gpu(monkeypatch):
-    # v2's (and v3's) backward uses the reverse-scan operand order probed on the device (1 or 2; 0 = neither
+def test_flip_fallback_matches_reference_on_gpu(monkeypatch):
+    # The backward uses the reverse-scan operand order probed on the device (1 or 2; 0 = neither
     # matched, flip instead). The fast path is covered above; this pins the fallback too, so it is known good if a
     # Triton release breaks reverse scans.
     from kit.kernels.scan_triton import _reverse_mode
 
-    if DEFAULT_VARIANT == "v1":
-        pytest.skip("v1 has no reverse scan")
     print("probed reverse scan mode", _reverse_mode(torch.device("cuda")))
     monkeypatch.setenv("KIT_TRITON_REV_MODE", "0")
-    check_against_reference(ScanCase(2, 1536, 1000, 16), torch.float32, None, DEFAULT_VARIANT)
+    check_against_reference(ScanCase(2, 1536, 1000, 16), torch.float32, None)
 
 
 def test_interpreter_mode_is_scoped_to_this_module():

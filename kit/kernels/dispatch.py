@@ -89,8 +89,7 @@ def selective_scan(
     initial_state: (batch, dim, dstate). Accumulates in fp32 and returns y in u's dtype, or
     ``(y, last_state)`` with an fp32 (batch, dim, dstate) state when ``return_last_state``.
     ``impl``: "auto", "reference", "chunked", "cpu" (fused C++ scan, compiled on first use), "triton" or "mamba_ssm".
-    The Triton kernels come in two designs: $KIT_TRITON_SCAN_VARIANT=v1|v2 (default v2), and $KIT_TRITON_SCAN_T sets
-    their steps per tile.
+    $KIT_TRITON_SCAN_T sets the Triton kernels' steps per tile (a power of two, default 512).
 
     Example::
 

@@ -18,13 +18,10 @@ import torch
 from kit.errors import KitError
 from kit.kernels._inputs import check_scan_shapes
 
-DEFAULT_CHUNK = 64  # v1: steps per (BLOCK_D, N, T) tile
-V3_DB_PARTS = 8  # v3: copies of dB, dC the backward's atomics are spread over (8 MB each at B=8, N=16, L=2048)
-V2_DEFAULT_CHUNK = 512  # v2, v3: steps per (BLOCK_D, T) tile (H100, L=2048: 3.6 ms fwd+bwd at 512, 5.0 at 256)
-VARIANTS = {"v1": "_triton_scan_kernels.py", "v2": "_triton_scan_kernels_v2.py", "v3": "_triton_scan_kernels_v3.py"}
-VARIANT_ENV = "KIT_TRITON_SCAN_VARIANT"  # v1 | v2 | v3 (default v3: fastest on the H100, see docs/benchmarks.md)
+DEFAULT_CHUNK = 512  # steps per (BLOCK_D, T) tile (H100, L=2048: 2.6 ms fwd+bwd at 512, 3.2 at 1024)
+DB_PARTS = 8  # copies of dB, dC the backward's atomics are spread over (8 MB each at B=8, N=16, L=2048)
 CHUNK_ENV = "KIT_TRITON_SCAN_T"  # steps per tile when the caller gives no chunk_size
-_LOADED: dict[tuple[str, bool, bool], ModuleType] = {}
+_LOADED: dict[tuple[bool, bool], ModuleType] = {}
 _REV_MODE: dict[str, int] = {}
 
 
@@ -32,24 +29,16 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def scan_variant(variant: str | None = None) -> str:
-    """The kernel design to run: ``variant``, else $KIT_TRITON_SCAN_VARIANT, else v3."""
-    name = (variant or os.environ.get(VARIANT_ENV, "") or "v3").strip().lower()
-    if name not in VARIANTS:
-        raise KitError(f"{VARIANT_ENV}={name!r} is not a Triton scan variant; choose one of: {', '.join(VARIANTS)}")
-    return name
-
-
-def _kernels(variant: str = "v1") -> ModuleType:
-    mode = (variant, interpret_mode(), os.environ.get("KIT_TRITON_NATIVE_SCAN", "0") == "1")
+def _kernels() -> ModuleType:
+    mode = (interpret_mode(), os.environ.get("KIT_TRITON_NATIVE_SCAN", "0") == "1")
     if mode not in _LOADED:
         try:
             import triton  # noqa: F401
         except ImportError as err:
             raise KitError("impl='triton' needs the triton package: pip install 'vertical-kit[gpu]'") from err
-        path = os.path.join(os.path.dirname(__file__), VARIANTS[variant])
-        name = (f"kit.kernels._triton_scan_kernels_{variant}_" + ("interpret" if mode[1] else "compiled")
-                + ("_native" if mode[2] else ""))
+        path = os.path.join(os.path.dirname(__file__), "_triton_scan_kernels.py")
+        name = ("kit.kernels._triton_scan_kernels_" + ("interpret" if mode[0] else "compiled")
+                + ("_native" if mode[1] else ""))
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # triton resolves kernel globals through the module
@@ -59,9 +48,9 @@ def _kernels(variant: str = "v1") -> ModuleType:
 
 
 def _reverse_mode(device: torch.device) -> int:
-    """How this Triton orders a reverse scan's combine operands (v2's REV): probed once per device type.
+    """How this Triton orders a reverse scan's combine operands (the backward's REV): probed once per device type.
 
-    1 = combine(later, earlier), 2 = combine(earlier, later), 0 = neither matched (v2 then flips instead).
+    1 = combine(later, earlier), 2 = combine(earlier, later), 0 = neither matched (the backward then flips instead).
     $KIT_TRITON_REV_MODE forces one.
     """
     forced = os.environ.get("KIT_TRITON_REV_MODE", "").strip()
@@ -69,7 +58,7 @@ def _reverse_mode(device: torch.device) -> int:
         return int(forced)
     key = f"{device.type}-{interpret_mode()}"
     if key not in _REV_MODE:
-        k = _kernels("v2")
+        k = _kernels()
         gen = torch.Generator().manual_seed(0)
         # bf16 inputs give the kernels' layouts (8 steps per thread): a warp per row (4 warps), a row across warps
         # (4 warps), two rows in one warp (1 warp).
@@ -104,8 +93,8 @@ def _next_pow2(n: int) -> int:
 
 
 def _carry_width(chunk: int, dstate: int) -> int:
-    """v2 keeps per-state carries in a (BLOCK_D, NP) tile; NP = T (state n in column n) lets it share the (BLOCK_D, T)
-    tiles' register layout, so reading and writing a carry is a warp reduction, not a shared-memory round trip."""
+    """Width NP of the kernels' (BLOCK_D, NP) per-state tiles (state n in column n: carries in and out, dA); NP = T
+    lets them share the (BLOCK_D, T) tiles' register layout."""
     return max(chunk, 2, _next_pow2(dstate))
 
 
@@ -115,9 +104,8 @@ def _dummy(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 class TritonScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, chunk: int, need_states: bool,
-                variant: str):
-        k = _kernels(variant)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, chunk: int, need_states: bool):
+        k = _kernels()
         # The kernels index (B, D, L) and (B, G, N, L) tensors as row-major; callers often pass transposed views.
         u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
         D, z, delta_bias, h0 = (None if t is None else t.contiguous() for t in (D, z, delta_bias, h0))
@@ -130,24 +118,20 @@ class TritonScan(torch.autograd.Function):
         grid = lambda meta: (triton_cdiv(dim, meta["BLOCK_D"]), batch)  # noqa: E731
         flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
                      HAS_H0=h0 is not None, STORE_STATES=need_states, GROUPED=groups > 1,
-                     T=chunk, NP=max(2, _next_pow2(dstate)))
+                     T=chunk, NSTATE=dstate, NP=_carry_width(chunk, dstate))
         args = (u, delta, A, B, C, _dummy(D, u), _dummy(z, u), _dummy(delta_bias, u), _dummy(h0, last), y, states, last)
         strides = (B.stride(0), B.stride(1), B.stride(2))
-        if variant == "v1":
-            k.scan_fwd_kernel[grid](*args, dim, length, dstate, dim // groups, nchunks, *strides, **flags)
-        else:
-            flags["NP"] = _carry_width(chunk, dstate)
-            k.scan_fwd_kernel[grid](*args, dim, length, dim // groups, nchunks, *strides, NSTATE=dstate, **flags)
+        k.scan_fwd_kernel[grid](*args, dim, length, dim // groups, nchunks, *strides, **flags)
         if need_states:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
-            ctx.meta = (softplus, chunk, h0 is not None, variant)
+            ctx.meta = (softplus, chunk, h0 is not None)
         return y, last
 
     @staticmethod
     def backward(ctx, dy, dlast):
         u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
-        softplus, chunk, has_h0, variant = ctx.meta
-        k = _kernels(variant)
+        softplus, chunk, has_h0 = ctx.meta
+        k = _kernels()
         batch, dim, length = u.shape
         groups, dstate = B.shape[1], B.shape[2]
         nchunks = states.shape[2]
@@ -156,8 +140,8 @@ class TritonScan(torch.autograd.Function):
         ddelta = torch.empty(delta.shape, dtype=delta.dtype, device=delta.device)
         dz = None if z is None else torch.empty(z.shape, dtype=z.dtype, device=z.device)
         dA = torch.empty(batch, dim, dstate, **f32)
-        parts = V3_DB_PARTS if variant == "v3" else 1  # v3 spreads its dB/dC atomics over copies (summed below)
-        dB, dC = torch.zeros((parts, *B.shape), **f32), torch.zeros((parts, *C.shape), **f32)
+        # The kernel spreads its dB/dC atomics over DB_PARTS copies (summed below).
+        dB, dC = torch.zeros((DB_PARTS, *B.shape), **f32), torch.zeros((DB_PARTS, *C.shape), **f32)
         dD = torch.empty(batch, dim, **f32) if D is not None else None
         dbias = torch.empty(batch, dim, **f32) if delta_bias is not None else None
         dh0 = torch.empty(batch, dim, dstate, **f32)
@@ -167,24 +151,18 @@ class TritonScan(torch.autograd.Function):
             dy.contiguous(), _dummy(dlast, dh0),
             du, ddelta, _dummy(dz, du), dA, dB, dC, _dummy(dD, dA), _dummy(dbias, dA), dh0,
         )
-        strides = (B.stride(0), B.stride(1), B.stride(2))
+        strides = (B.stride(0), B.stride(1), B.stride(2), dB[0].numel())
         flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-                     HAS_DLAST=dlast is not None, GROUPED=groups > 1, T=chunk, NP=max(2, _next_pow2(dstate)))
-        if variant == "v1":
-            k.scan_bwd_kernel[grid](*args, dim, length, dstate, dim // groups, nchunks, *strides, **flags)
-        else:
-            flags["NP"] = _carry_width(chunk, dstate)
-            if variant == "v3":
-                flags["NPART"] = parts
-                strides = (*strides, dB[0].numel())
-            k.scan_bwd_kernel[grid](*args, dim, length, dim // groups, nchunks, *strides, NSTATE=dstate,
-                                    REV=_reverse_mode(u.device), **flags)
-        dB, dC = (dB[0], dC[0]) if parts == 1 else (dB.sum(0), dC.sum(0))
+                     HAS_DLAST=dlast is not None, GROUPED=groups > 1, T=chunk, NSTATE=dstate,
+                     NP=_carry_width(chunk, dstate), NPART=DB_PARTS)
+        k.scan_bwd_kernel[grid](*args, dim, length, dim // groups, nchunks, *strides, REV=_reverse_mode(u.device),
+                                **flags)
+        dB, dC = dB.sum(0), dC.sum(0)
         return (
             du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             None if D is None else dD.sum(0).to(D.dtype), dz,
             None if delta_bias is None else dbias.sum(0).to(delta_bias.dtype),
-            dh0 if has_h0 else None, None, None, None, None,
+            dh0 if has_h0 else None, None, None, None,
         )
 
 
@@ -205,17 +183,14 @@ def selective_scan_triton(
     initial_state: torch.Tensor | None = None,
     return_last_state: bool = False,
     chunk_size: int | None = None,
-    variant: str | None = None,
 ):
     """Same contract as ``selective_scan``; ``chunk_size`` (a power of two) sets the steps per tile (default:
-    $KIT_TRITON_SCAN_T, else 64 for v1 and 512 for v2 and v3); ``variant`` picks the kernel design (default:
-    $KIT_TRITON_SCAN_VARIANT, else v2)."""
+    $KIT_TRITON_SCAN_T, else 512)."""
     check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if not u.is_cuda and not interpret_mode():
         raise KitError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); use impl='chunked' on CPU")
     length = u.shape[-1]
-    variant = scan_variant(variant)
-    default = int(os.environ.get(CHUNK_ENV, "0") or 0) or (DEFAULT_CHUNK if variant == "v1" else V2_DEFAULT_CHUNK)
+    default = int(os.environ.get(CHUNK_ENV, "0") or 0) or DEFAULT_CHUNK
     chunk = chunk_size or min(default, max(2, _next_pow2(length)))
     if chunk & (chunk - 1):
         raise ValueError(f"chunk_size must be a power of two, got {chunk}")
@@ -225,21 +200,21 @@ def selective_scan_triton(
     # Chunk-start states are only written when a backward can follow (ctx.needs_input_grad ignores no_grad).
     tensors = (u, delta, A, B4, C4, D, z, delta_bias, h0)
     need_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    y, last = TritonScan.apply(*tensors, delta_softplus, chunk, need_states, variant)
+    y, last = TritonScan.apply(*tensors, delta_softplus, chunk, need_states)
     return (y, last) if return_last_state else y
 
 
 def compile_ahead(
-    arch: int = 90, act_dtype: str = "bf16", grouped: bool = False, chunk: int | None = None, variant: str = "v1",
+    arch: int = 90, act_dtype: str = "bf16", grouped: bool = False, chunk: int | None = None,
     shapes: list[tuple[int, int]] | None = None, rev: int = 1, only: str | None = None, probe: bool = True,
 ) -> dict:
-    """Compile both kernels of ``variant`` for an NVIDIA target without a GPU (triton ships ptxas), with every option
+    """Compile both kernels for an NVIDIA target without a GPU (triton ships ptxas), with every option
     on. Returns {kernel name: compiled kernel} at the default block shape, or {"name BLOCK_Dxwarps": ...} for each
     of ``shapes`` ((BLOCK_D, num_warps) pairs); raises on any compile error.
 
     Catches what the interpreter cannot (it runs kernels as Python): compile-time type and constexpr errors.
-    ``rev`` is v2's (and v3's) reverse-scan operand order (see _reverse_mode); ``only`` = "fwd" or "bwd" compiles one
-    kernel; ``probe`` adds the reverse-scan probe kernel (v2, v3; default shapes, both kernels only).
+    ``rev`` is the backward's reverse-scan operand order (see _reverse_mode); ``only`` = "fwd" or "bwd" compiles one
+    kernel; ``probe`` adds the reverse-scan probe kernel (default shapes, both kernels only).
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -247,33 +222,28 @@ def compile_ahead(
 
     if interpret_mode():
         raise KitError("compile_ahead needs TRITON_INTERPRET unset")
-    k = _kernels(variant)
-    chunk = chunk or (DEFAULT_CHUNK if variant == "v1" else V2_DEFAULT_CHUNK)
+    k = _kernels()
+    chunk = chunk or DEFAULT_CHUNK
     act = {"u_ptr", "dt_ptr", "z_ptr", "y_ptr", "B_ptr", "C_ptr", "dy_ptr", "du_ptr", "ddt_ptr", "dz_ptr"}
-    flags = {"HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": True, "GROUPED": grouped, "T": chunk, "NP": 16}
-    if variant != "v1":
-        flags["NSTATE"] = 16
-        flags["NP"] = _carry_width(chunk, 16)
-        if shapes is None:  # what KIT_TRITON_AUTOTUNE=0 runs
-            quick = os.environ.get("KIT_TRITON_AUTOTUNE")
-            os.environ["KIT_TRITON_AUTOTUNE"] = "0"
-            try:
-                default = {which: [(c.kwargs["BLOCK_D"], c.num_warps) for c in k._prune(k._configs(), {}, ept, T=chunk)]
-                           for which, ept in (("fwd", k.FWD_EPT), ("bwd", k.BWD_EPT))}
-            finally:
-                if quick is None:
-                    os.environ.pop("KIT_TRITON_AUTOTUNE")
-                else:
-                    os.environ["KIT_TRITON_AUTOTUNE"] = quick
-        else:
-            default = {"fwd": shapes, "bwd": shapes}
+    flags = {"HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": True, "GROUPED": grouped, "T": chunk,
+             "NSTATE": 16, "NP": _carry_width(chunk, 16)}
+    if shapes is None:  # what KIT_TRITON_AUTOTUNE=0 runs
+        quick = os.environ.get("KIT_TRITON_AUTOTUNE")
+        os.environ["KIT_TRITON_AUTOTUNE"] = "0"
+        try:
+            default = {which: [(c.kwargs["BLOCK_D"], c.num_warps) for c in k._prune(k._configs(), {}, ept, T=chunk)]
+                       for which, ept in (("fwd", k.FWD_EPT), ("bwd", k.BWD_EPT))}
+        finally:
+            if quick is None:
+                os.environ.pop("KIT_TRITON_AUTOTUNE")
+            else:
+                os.environ["KIT_TRITON_AUTOTUNE"] = quick
     else:
-        default = {"fwd": shapes or [k.FWD_SHAPES[1]], "bwd": shapes or [k.BWD_SHAPES[1]]}
+        default = {"fwd": shapes, "bwd": shapes}
     out = {}
     for name, extra, which in (
         ("scan_fwd_kernel", {"HAS_H0": True, "STORE_STATES": True}, "fwd"),
-        ("scan_bwd_kernel", {"HAS_DLAST": True, **({"REV": rev} if variant != "v1" else {}),
-                             **({"NPART": V3_DB_PARTS} if variant == "v3" else {})}, "bwd"),
+        ("scan_bwd_kernel", {"HAS_DLAST": True, "REV": rev, "NPART": DB_PARTS}, "bwd"),
     ):
         if only and only != which:
             continue
@@ -296,7 +266,7 @@ def compile_ahead(
             key = name if shapes is None else f"{name} {block_d}x{warps}"
             options = {"num_warps": warps, "num_stages": 1}
             out[key] = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    if variant != "v1" and shapes is None and only is None and probe:  # the probe _reverse_mode runs on the device
+    if shapes is None and only is None and probe:  # the probe _reverse_mode runs on the device
         fn = k.rev_probe_kernel
         src = ASTSource(fn, {"a_ptr": "*bf16", "c_ptr": "*bf16", "g_ptr": "*fp32", "R": "constexpr", "T": "constexpr",
                              "REV": "constexpr"}, {"R": 4, "T": 256, "REV": rev})
