@@ -2,10 +2,9 @@
 # One prepared GPU check for issue 4's kernels (and, when present, the backbone benchmark).
 # Runs the benchmarks, then the kernel tests at real shapes (the CUDA tests skip elsewhere), and writes
 # everything under $OUT (default bench/out/gpu): logs, JUnit XML, JSON results, nvidia-smi and versions.
-# The kernel benchmark times the Triton scan designs side by side (v1; v2 and v3 at the chunk lengths in V2_CHUNKS,
-# V3_CHUNKS) and records the fastest correct one as "best" in kernels.json; the backbone benchmark and the CUDA
-# tests then run with it (KIT_TRITON_SCAN_VARIANT and KIT_TRITON_SCAN_T, or the defaults when the kernel step did
-# not run). The tests cover that one design only (compiles at real shapes take time).
+# The kernel benchmark times the Triton scan at the chunk lengths in CHUNKS and records the fastest correct one as
+# "best" in kernels.json; the backbone benchmark and the CUDA tests then run with it (KIT_TRITON_SCAN_T, or the
+# default when the kernel step did not run). The tests cover that one chunk only (compiles at real shapes take time).
 #
 #   bash bench/gpu_check.sh            # kernels, backbones, then tests (about 2.5 minutes, at most 4.5)
 #   bash bench/gpu_check.sh tests      # one step: tests | kernels | backbones
@@ -43,14 +42,12 @@ export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.triton-cache}"  # tests reuse
 export PYTHONUNBUFFERED=1
 # Timings first (the whole GPU to themselves), then the correctness suite at real shapes.
 if [ "$STEP" = all ] || [ "$STEP" = kernels ]; then
-  run kernels "${KERNELS_LIMIT:-110}" python bench/kernels.py --no-cpu --v2-chunks "${V2_CHUNKS:-512}" \
-    --v3-chunks "${V3_CHUNKS-512,1024}" --out "$OUT/kernels.json"
+  run kernels "${KERNELS_LIMIT:-110}" python bench/kernels.py --no-cpu --chunks "${CHUNKS:-512,1024}" \
+    --out "$OUT/kernels.json"
 fi
-best=$(python -c "import json, sys; b = json.load(open(sys.argv[1]))['gpu'].get('best') or {}; print(b.get('variant', ''), b.get('chunk_size', ''))" "$OUT/kernels.json" 2>/dev/null)
-read -r best_variant best_chunk <<< "$best"
-export KIT_TRITON_SCAN_VARIANT="${best_variant:-${KIT_TRITON_SCAN_VARIANT:-}}"
+best_chunk=$(python -c "import json, sys; b = json.load(open(sys.argv[1]))['gpu'].get('best') or {}; print(b.get('chunk_size', ''))" "$OUT/kernels.json" 2>/dev/null)
 export KIT_TRITON_SCAN_T="${best_chunk:-${KIT_TRITON_SCAN_T:-}}"
-echo "== Triton scan variant '${KIT_TRITON_SCAN_VARIANT:-default}' chunk '${KIT_TRITON_SCAN_T:-default}' for the next steps" | tee -a "$OUT/summary.txt"
+echo "== Triton scan chunk '${KIT_TRITON_SCAN_T:-default}' for the next steps" | tee -a "$OUT/summary.txt"
 if [ "$STEP" = all ] || [ "$STEP" = backbones ]; then
   run backbones "${BACKBONES_LIMIT:-70}" python bench/backbones.py --device cuda --no-hf --out "$OUT/backbones.json"
 fi

@@ -7,11 +7,10 @@ this runs on are often shared.
 GPU section (only with CUDA): `triton` vs the chunked PyTorch scan on the GPU (the reference-free torch baseline;
 the sequential loop is timed once, forward only) and vs mamba-ssm's CUDA kernel when installed, at B=8, D=1536,
 L=2048, N=16, bf16 with z, D, delta_bias and softplus; forward and forward+backward, peak memory. The Triton
-designs are timed side by side (v1; v2 and v3 at each chunk length in --v2-chunks / --v3-chunks, block shapes
-autotuned), each checked against
-the reference (y, last state and every input gradient); the fastest forward+backward is reported as "best" (its
-variant and chunk are what bench/gpu_check.sh hands the backbone benchmark). Bars: triton forward <= 0.20 ms and
-forward+backward <= 0.60 ms (best variant); our time / mamba-ssm's reported when it is there.
+scan is timed at each chunk length in --chunks (block shapes autotuned), each checked against the reference (y,
+last state and every input gradient); the fastest forward+backward is reported as "best" (its chunk is what
+bench/gpu_check.sh hands the backbone benchmark). Bars: triton forward <= 0.20 ms and forward+backward <= 0.60 ms
+(best chunk); our time / mamba-ssm's reported when it is there.
 
 Examples:
     python bench/kernels.py                    # CPU section (and GPU when CUDA is present)
@@ -88,7 +87,7 @@ def make_inputs(shape: dict[str, int], dtype, device: str, grad: bool) -> dict:
 
 
 def scan_call(impl: str, x: dict) -> Callable[[], Any]:
-    """impl: a dispatcher name, or "triton-v1" / "triton-v2-T256" (a Triton design and chunk length)."""
+    """impl: a dispatcher name, or "triton-T512" (the Triton scan at a chunk length)."""
     from functools import partial
 
     from kit.kernels import selective_scan
@@ -107,12 +106,8 @@ def scan_call(impl: str, x: dict) -> Callable[[], Any]:
 
 
 def triton_options(impl: str) -> dict:
-    """"triton-v2-T256" -> {"variant": "v2", "chunk_size": 256}."""
-    parts = impl.split("-")[1:]
-    opts: dict[str, Any] = {"variant": parts[0]}
-    if len(parts) > 1:
-        opts["chunk_size"] = int(parts[1].lstrip("T"))
-    return opts
+    """"triton-T512" -> {"chunk_size": 512}."""
+    return {"chunk_size": int(impl.split("-")[1].lstrip("T"))}
 
 
 def time_cpu(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
@@ -201,13 +196,13 @@ def time_cuda(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
     return {"ms": statistics.median(ms), "ms_min": min(ms), "peak_mem_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
 
 
-def gpu_section(repeats: int, v2_chunks: list[int], v3_chunks: list[int] = ()) -> dict[str, Any]:
+def gpu_section(repeats: int, chunks: list[int]) -> dict[str, Any]:
     import torch
 
     from kit.kernels.testing import max_scaled_error
 
     x = make_inputs(GPU_SHAPE, torch.bfloat16, "cuda", grad=True)
-    tritons = ["triton-v1"] + [f"triton-v2-T{c}" for c in v2_chunks] + [f"triton-v3-T{c}" for c in v3_chunks]
+    tritons = [f"triton-T{c}" for c in chunks]
     impls = tritons + ["chunked"]
     try:
         import mamba_ssm.ops.selective_scan_interface  # noqa: F401
@@ -243,7 +238,7 @@ def gpu_section(repeats: int, v2_chunks: list[int], v3_chunks: list[int] = ()) -
     grads = gradient_check([r["impl"] for r in rows if r["impl"] in tritons and "error" not in r])
     result = {"shape": GPU_SHAPE, "dtype": "bf16", "with": "z, D, delta_bias, softplus", "rows": rows,
               "max_scaled_error_vs_reference": errors, "gradient_check": grads, "bars": [],
-              "v2_reverse_scan_mode": reverse_scan_mode()}
+              "reverse_scan_mode": reverse_scan_mode()}
     # The fastest forward+backward among the Triton rows that also passed the correctness checks.
     ok = [r for r in rows if r["impl"] in tritons and "error" not in r and gradients_ok(grads.get(r["impl"], {}))]
     tri = min(ok, key=lambda r: r["fwd_bwd"]["ms"], default=None)
@@ -265,7 +260,8 @@ def gpu_section(repeats: int, v2_chunks: list[int], v3_chunks: list[int] = ()) -
 
 
 def reverse_scan_mode() -> Any:
-    """v2's probed reverse-scan operand order (1 or 2; 0 = flip fallback, slower), or the error that stopped it."""
+    """The backward's probed reverse-scan operand order (1 or 2; 0 = flip fallback, slower), or the error that
+    stopped it."""
     try:
         import torch
 
@@ -277,10 +273,11 @@ def reverse_scan_mode() -> Any:
 
 
 def tuned_configs(impl: str) -> dict[str, str]:
-    """The block shapes the autotuner picked for a Triton row (last tuned entry of each kernel)."""
+    """The block shapes the autotuner picked for a Triton row (last tuned entry of each kernel: the rows run one
+    after another)."""
     from kit.kernels.scan_triton import _kernels
 
-    k = _kernels(triton_options(impl)["variant"])
+    k = _kernels()
     out = {}
     for name in ("scan_fwd_kernel", "scan_bwd_kernel"):
         cache = getattr(getattr(k, name), "cache", {})
@@ -310,7 +307,7 @@ def gradients_ok(report: dict) -> bool:
 def gradient_check(impls: list[str]) -> dict[str, Any]:
     """Each Triton row vs the reference at the benchmark shape: y, last state and every input gradient (bf16 and
     fp32). {impl: {dtype: {name: scaled error}}}. The reference runs once per dtype; the Triton runs use one block
-    shape (KIT_TRITON_AUTOTUNE=0 for v2) to save compiles.
+    shape (KIT_TRITON_AUTOTUNE=0) to save compiles.
 
     Runs where pytest may be missing (the GPU machine); the same checks live in tests/test_kernels_triton.py.
     """
@@ -395,8 +392,8 @@ def show(report: dict[str, Any]) -> None:
                 worst = f"{max(errs.values()):.1e}" if "error" not in errs else errs["error"]
                 console.print(f"{impl} vs reference, {dtype}, outputs and all input gradients: "
                               f"worst scaled error {worst}")
-        console.print(f"best Triton variant: {gpu.get('best', 'none passed the checks')}; "
-                      f"v2 reverse-scan mode {gpu.get('v2_reverse_scan_mode')} (1/2 = native reverse scan, 0 = flips)")
+        console.print(f"best Triton chunk: {gpu.get('best', 'none passed the checks')}; "
+                      f"reverse-scan mode {gpu.get('reverse_scan_mode')} (1/2 = native reverse scan, 0 = flips)")
         bars += gpu["bars"]
     summary = Table(title="Bars")
     for col in ("bar", "value", "result"):
@@ -413,8 +410,7 @@ def main(
     gpu: bool = typer.Option(True, help="run the GPU section when CUDA is available"),
     cpu: bool = typer.Option(True, help="run the CPU section"),
     out: Path = typer.Option(OUT, help="JSON results file"),
-    v2_chunks: str = typer.Option("512", help="chunk lengths (steps per tile) to time v2 at"),
-    v3_chunks: str = typer.Option("512,1024", help="chunk lengths (steps per tile) to time v3 at ('' = skip v3)"),
+    chunks: str = typer.Option("512,1024", help="chunk lengths (steps per tile) to time the Triton scan at"),
 ) -> None:
     """Time the selective-scan implementations and check the issue's bars.
 
@@ -422,7 +418,7 @@ def main(
     Examples:
       python bench/kernels.py
       python bench/kernels.py --no-gpu --threads 2 --repeats 3
-      python bench/kernels.py --no-cpu --v2-chunks 256,512 --v3-chunks 512
+      python bench/kernels.py --no-cpu --chunks 256,512
     """
     import torch
 
@@ -433,8 +429,7 @@ def main(
             report["cpu"] = cpu_section(threads, repeats)
         if gpu and torch.cuda.is_available():
             status.update("GPU: triton vs chunked vs mamba_ssm")
-            report["gpu"] = gpu_section(max(repeats, 20), [int(c) for c in v2_chunks.split(",") if c.strip()],
-                                        [int(c) for c in v3_chunks.split(",") if c.strip()])
+            report["gpu"] = gpu_section(max(repeats, 20), [int(c) for c in chunks.split(",") if c.strip()])
     report["machine"]["load_average_at_end"] = os.getloadavg()
     show(report)
     out.parent.mkdir(parents=True, exist_ok=True)
