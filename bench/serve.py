@@ -31,14 +31,50 @@ OUT = REPO / "bench" / "out"
 EXAMPLES = REPO / "examples" / "data" / "fhir" / "synthea-bundles"
 
 
-def _rss_mb(pid: int) -> float:
+def _own_rss_mb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return float("nan")
+    return 0.0
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += _children(p)
+    return out
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of the server and its workers so far."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for p in _tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def _rss_mb(pid: int) -> float:
+    """The server's resident memory: the process and its worker processes (`--workers N`), summed."""
+    return sum(_own_rss_mb(p) for p in _tree(pid)) or float("nan")
 
 
 class RssSampler(threading.Thread):
@@ -52,8 +88,9 @@ class RssSampler(threading.Thread):
             time.sleep(self.every)
 
 
-def start_server(bundle: Path, explain: bool) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "kit", "serve", "--bundle", str(bundle), "--port", "0"]  # info: uvicorn prints the port
+def start_server(bundle: Path, explain: bool, workers: int = 1) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "kit", "serve", "--bundle", str(bundle), "--port", "0", "--workers", str(workers)]
+    # (uvicorn prints the port it bound at info level)
     if not explain:
         cmd.append("--no-explain")
     env = {**os.environ, "COLUMNS": "200"}
@@ -68,9 +105,25 @@ def start_server(bundle: Path, explain: bool) -> tuple[subprocess.Popen, str]:
         m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
         if m:
             threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep the pipe drained
-            return proc, f"http://127.0.0.1:{m.group(1)}"
+            url = f"http://127.0.0.1:{m.group(1)}"
+            _wait_healthy(url, deadline)
+            return proc, url
     proc.kill()
     raise SystemExit("kit serve did not report its port in 300 s")
+
+
+def _wait_healthy(url: str, deadline: float) -> None:
+    """With --workers N the port is bound before the workers listen: wait until one answers."""
+    import httpx
+
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"kit serve at {url} did not answer /health")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -104,31 +157,38 @@ async def load(url: str, body: bytes, clients: int, seconds: float) -> dict:
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=120, limits=limits) as c:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(client(c) for _ in range(clients)))
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    # The clients share the machine's cores with the server: their CPU time is the load generator's cost.
     return {"requests": len(latencies), "failed": sum(failures.values()), "failures": failures, "wall_s": wall,
+            "client_cpu_ms_per_request": 1000 * cpu / max(1, len(latencies) + sum(failures.values())),
             "rps": len(latencies) / wall, "p50_ms": pct(latencies, 50), "p90_ms": pct(latencies, 90),
             "p99_ms": pct(latencies, 99), "max_ms": max(latencies, default=float("nan"))}
 
 
-def batch(url: str, docs: list[dict], repeats: int, per_request: int) -> dict:
-    """Every document once per repeat, `per_request` patients per /predict/batch call (under the size limit)."""
+def batch(url: str, docs: list[dict], repeats: int, per_request: int, clients: int = 1) -> dict:
+    """Every document once per repeat, `per_request` patients per /predict/batch call (under the size limit), with
+    up to `clients` calls in flight (one per server worker keeps every worker busy)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import httpx
 
     bodies = [json.dumps(docs[i:i + per_request]).encode() for i in range(0, len(docs), per_request)]
     times, ok = [], 0
-    with httpx.Client(timeout=600) as c:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            ok = 0
-            for body in bodies:
-                r = c.post(f"{url}/predict/batch", content=body, headers={"Content-Type": "application/fhir+json"})
-                r.raise_for_status()
-                ok += sum(e["response"]["status"] == "200" for e in r.json()["entry"])
-            times.append(time.perf_counter() - t0)
+    with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=clients)) as c:
+        def post(body: bytes) -> int:
+            r = c.post(f"{url}/predict/batch", content=body, headers={"Content-Type": "application/fhir+json"})
+            r.raise_for_status()
+            return sum(e["response"]["status"] == "200" for e in r.json()["entry"])
+
+        with ThreadPoolExecutor(clients) as pool:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                ok = sum(pool.map(post, bodies))
+                times.append(time.perf_counter() - t0)
     best = min(times)
-    return {"patients": len(docs), "per_request": per_request, "json_mb": sum(map(len, bodies)) / 1e6,
+    return {"patients": len(docs), "per_request": per_request, "clients": clients, "json_mb": sum(map(len, bodies)) / 1e6,
             "repeats": repeats, "best_s": best, "median_s": sorted(times)[len(times) // 2],
             "patients_per_s": len(docs) / best, "ok": ok}
 
@@ -152,6 +212,8 @@ def main() -> None:
     ap.add_argument("--batch-per-request", type=int, default=10, help="patients per /predict/batch request")
     ap.add_argument("--patient-mb", type=float, default=1.0, help="size of the single-patient Bundle to send")
     ap.add_argument("--explain", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--workers", type=int, default=1, help="kit serve --workers (processes; one per core)")
+    ap.add_argument("--batch-clients", type=int, default=0, help="batch calls in flight (default: --workers)")
     args = ap.parse_args()
     if not args.bundle.exists():
         raise SystemExit(f"{args.bundle}: no bundle; run examples/demo.sh first or pass --bundle")
@@ -160,18 +222,20 @@ def main() -> None:
     raw = [gzip.decompress(p.read_bytes()) for p in files]
     single = min(raw, key=lambda b: abs(len(b) - args.patient_mb * 1e6))  # the patient closest to the asked size
     load1 = os.getloadavg()
-    proc, url = start_server(args.bundle, args.explain)
+    proc, url = start_server(args.bundle, args.explain, args.workers)
     sampler = RssSampler(proc.pid)
     sampler.start()
     try:
         import httpx
 
-        for _ in range(3):  # warm-up: first-call costs (imports, allocator) are not steady-state latency
+        for _ in range(4 * args.workers):  # warm-up: first-call costs (allocator, caches) are not steady state
             httpx.post(f"{url}/predict", content=single, headers={"Content-Type": "application/fhir+json"}, timeout=120)
         rss_start = _rss_mb(proc.pid)
+        cpu0 = _cpu_s(proc.pid)
         lat = asyncio.run(load(url, single, args.clients, args.seconds))
+        lat["server_cpu_ms_per_request"] = 1000 * (_cpu_s(proc.pid) - cpu0) / max(1, lat["requests"] + lat["failed"])
         rss_after_load = _rss_mb(proc.pid)
-        bat = batch(url, docs, args.batch_repeats, args.batch_per_request)
+        bat = batch(url, docs, args.batch_repeats, args.batch_per_request, args.batch_clients or args.workers)
         rss_end = _rss_mb(proc.pid)
     finally:
         sampler.stop.set()
@@ -180,7 +244,7 @@ def main() -> None:
     peak = max((r for _, r in sampler.samples), default=float("nan"))
     result = {
         "machine": machine(), "loadavg_before": load1, "loadavg_after": os.getloadavg(), "bundle": str(args.bundle),
-        "explain": args.explain, "clients": args.clients, "seconds": args.seconds,
+        "explain": args.explain, "workers": args.workers, "clients": args.clients, "seconds": args.seconds,
         "single_patient_json_mb": len(single) / 1e6, "single": lat, "batch": bat,
         "rss_mb": {"start": rss_start, "after_load": rss_after_load, "end": rss_end, "peak": peak,
                    "series_10s": [round(r) for t, r in sampler.samples[::20]]},
@@ -191,7 +255,9 @@ def main() -> None:
     print(f"/predict, one {result['single_patient_json_mb']:.2f} MB patient Bundle, {args.clients} clients x {args.seconds:.0f} s, "
           f"explain={args.explain}:")
     print(f"  {lat['requests']} ok, {lat['failed']} failed, {lat['rps']:.1f} req/s, p50 {lat['p50_ms']:.0f} ms, "
-          f"p90 {lat['p90_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms, max {lat['max_ms']:.0f} ms")
+          f"p90 {lat['p90_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms, max {lat['max_ms']:.0f} ms; "
+          f"CPU per request: server {lat['server_cpu_ms_per_request']:.0f} ms, load generator "
+          f"{lat['client_cpu_ms_per_request']:.0f} ms")
     print(f"/predict/batch, {bat['patients']} patients ({bat['json_mb']:.1f} MB, {bat['per_request']} per request): best {bat['best_s']:.2f} s = "
           f"{bat['patients_per_s']:.1f} patients/s ({bat['ok']} scored)")
     r = result["rss_mb"]

@@ -42,7 +42,7 @@ def predict_command(
     from kit.events import is_event_store, read_subjects, scan_events
     from kit.fsutil import atomic_file
     from kit.predict.formats import SubjectData, get_format
-    from kit.predict.predictor import Predictor, ingest_to_store
+    from kit.predict.predictor import Predictor, ingest_to_store, relax_gc
 
     t0 = time.perf_counter()
     if as_of is not None:
@@ -50,6 +50,7 @@ def predict_command(
 
         _utc(as_of, "--as-of")  # a bad time stops here, before any ingest or scoring
     predictor = Predictor.load(bundle, device=device, batch_size=batch_size)
+    relax_gc()
     wire = get_format(predictor.bundle.vertical, fmt)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     console.print(f"bundle verified: {bundle} ({predictor.name} {predictor.version}, tasks: {', '.join(predictor.tasks)})")

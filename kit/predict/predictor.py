@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,21 @@ class Predictor:
         # for the inputs' gradient only, so no parameter gradient is computed either way.
         model = bundle.load_model().to(dev).eval()
         return cls(bundle, model, Tokenizer.load(bundle.path("tokenizer.json")), dev, batch_size=batch_size)
+
+    def warm_up(self) -> None:
+        """Score one synthetic history for every task (and attribute it), so the first real request does not pay for
+        loading the compiled kernels and first-call allocations."""
+        from kit.eval.scoring import row_logits
+        from kit.train.batching import Row
+
+        n = 16
+        rows = [Row(np.append(np.full(n, self.tokenizer.vocab_size - 1), int(t["task_token_id"])).astype(np.int64),
+                    np.ones(n + 1, np.float32), np.full(n + 1, 50.0, np.float32), np.full(n + 1, 2, np.int64),
+                    np.zeros(n + 1, np.int64), name, np.full(1, np.nan, np.float32), None, 1.0)
+                for name, t in self.tasks.items()]
+        with self._lock:
+            row_logits(self.model, rows, self.device, batch_size=self.batch_size, bf16=False)
+            self._attributions(rows[:1])
 
     @property
     def name(self) -> str:
@@ -259,17 +274,18 @@ class Predictor:
         samples = self.samples(sd, as_of)
         if samples.height == 0 or sd.events.height == 0:
             return []
-        tokens = self.tokenizer.encode(sd.events, sd.subjects)
+        tokens = self.tokenizer.encode(sd.events, sd.subjects, engine="in-memory")  # request-sized data
         win = windows(tokens, samples, self.max_len).filter(pl.col("n_tokens") > 0)
         if win.height == 0:
             return []
-        per_task = {}
-        for name in names:
-            spec = self.tasks[name]
-            frame = win.with_columns(pl.lit(int(spec["task_token_id"]), dtype=pl.Int32).alias("task_token_id"), *_NO_LABELS)
-            per_task[name] = rows_from_frame(frame, name, spec["type"], int(spec["num_outputs"]))
-        # Sample-major: a subject's tasks share a batch (one forward pass scores every task of a patient).
-        rows = [per_task[name][0][i] for i in range(win.height) for name in names]
+        # Rows are built once (with the first task's token) and given each task's token: tasks differ only there.
+        first = self.tasks[names[0]]
+        frame = win.with_columns(pl.lit(int(first["task_token_id"]), dtype=pl.Int32).alias("task_token_id"), *_NO_LABELS)
+        base, df = rows_from_frame(frame, names[0], first["type"], int(first["num_outputs"]))
+        tokens_of = {n: np.int64(self.tasks[n]["task_token_id"]) for n in names}
+        # Sample-major: a subject's tasks are scored together (they share one history pass).
+        rows = [r if j == 0 else replace(r, input_ids=np.append(r.input_ids[:-1], tokens_of[name]), task=name)
+                for r in base for j, name in enumerate(names)]
         with self._lock:
             logits = row_logits(self.model, rows, self.device, batch_size=self.batch_size, bf16=False)
             attrib = self._attributions(rows) if explain else None
@@ -282,7 +298,6 @@ class Predictor:
             for j, name in enumerate(names):
                 r = k * len(names) + j
                 p = apply_task_calibration(entries[name], logits[r][None])[0]
-                df = per_task[name][1]
                 top = _top_events(df, k, attrib[r], self.tokenizer, sources, top_k) if attrib is not None else None
                 out.append(self._prediction(keys.get(sid, str(sid)), int(sid), when, name, self.tasks[name], p,
                                             entries[name], top))
@@ -337,6 +352,19 @@ class Predictor:
         finally:
             handle.remove()
         return out
+
+
+def relax_gc() -> None:
+    """For a process that parses many large documents (a server, a batch job): a FHIR Bundle of a megabyte decodes into
+    hundreds of thousands of small dicts and lists, and at CPython's default thresholds the cyclic collector ran every
+    few hundred of them, about half of the decoding time (bench/serve.py). Decoded JSON holds no reference cycles, so
+    refcounting frees it; collections are made rarer, and the objects alive now (the model, modules) are frozen out
+    of them."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
 
 
 def _loads(raw: bytes, what: str) -> Any:

@@ -207,12 +207,18 @@ def app_from_env() -> FastAPI:
     import json
     import os
 
-    from kit.predict.predictor import Predictor
+    from kit.predict.predictor import Predictor, relax_gc
 
     cfg = json.loads(os.environ[ENV_CONFIG])
+    if cfg.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg["threads"]))
     configure_logging(cfg["log_level"])
     token = Path(cfg["token_file"]).read_text().strip() if cfg.get("token_file") else None
     predictor = Predictor.load(cfg["bundle"], device=cfg["device"], batch_size=cfg["batch_size"])
+    predictor.warm_up()
+    relax_gc()
     return create_app(predictor, token=token, max_bytes=cfg["max_bytes"], explain=cfg["explain"], fmt=cfg["fmt"])
 
 

@@ -38,7 +38,7 @@ def serve_command(
 
     from kit.errors import KitError
     from kit.predict.formats import get_format
-    from kit.predict.predictor import Predictor
+    from kit.predict.predictor import Predictor, relax_gc
     from kit.serve.app import ENV_CONFIG, configure_logging, create_app
 
     console = Console(stderr=True)
@@ -52,6 +52,9 @@ def serve_command(
             raise KitError(f"{token_file}: the token is shorter than 16 characters; use a long random one",
                            hint="python -c 'import secrets; print(secrets.token_urlsafe(32))' > token")
     predictor = Predictor.load(bundle, device=device, batch_size=batch_size)  # verified here, before any worker starts
+    if workers == 1:
+        predictor.warm_up()
+        relax_gc()
     get_format(predictor.bundle.vertical, fmt)  # an unknown --format stops here, not in each worker
     max_bytes = int(max_request_mb * (1 << 20))
     configure_logging(log_level)
@@ -62,9 +65,14 @@ def serve_command(
         app = create_app(predictor, token=token, max_bytes=max_bytes, explain=explain, fmt=fmt)
         uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
         return
+    # Each worker gets its share of the cores: N workers each running torch's and polars' default pools (one thread
+    # per core) oversubscribed the CPU, and two workers on two cores served no more than one (bench/serve.py).
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ.setdefault("POLARS_MAX_THREADS", str(threads))  # read when a worker process imports polars
     os.environ[ENV_CONFIG] = json.dumps({
         "bundle": str(bundle), "token_file": str(token_file) if token_file else None, "max_bytes": max_bytes,
-        "explain": explain, "fmt": fmt, "batch_size": batch_size, "device": device, "log_level": log_level})
+        "explain": explain, "fmt": fmt, "batch_size": batch_size, "device": device, "log_level": log_level,
+        "threads": threads})
     uvicorn.run("kit.serve.app:app_from_env", factory=True, workers=workers, host=host, port=port,
                 log_level=log_level, access_log=False)
 
