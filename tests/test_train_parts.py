@@ -112,3 +112,52 @@ def test_out_of_memory_becomes_a_message_naming_what_to_lower(tmp_path):
     with pytest.raises(KitError) as err:
         run_loop(model, loss_fn, LoopSettings(run_dir=tmp_path, steps=3, optim=OptimSection(batch_size=32)))
     assert "batch size 32" in str(err.value) and "batch_size=16" in err.value.hint
+
+
+def test_best_checkpoint_follows_the_first_defined_score(tmp_path):
+    """An undefined (nan) first validation score must not block every later improvement; the best weights are the
+    ones at the best defined score."""
+    import math
+
+    from kit.train.config import OptimSection
+    from kit.train.loop import LoopSettings, load_best, run_loop
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    x = torch.randn(16, 2)
+
+    def loss_fn(step, micro):
+        loss = model(x).pow(2).mean()
+        return loss, {"t": float(loss.detach())}
+
+    scores = iter([math.nan, 0.6, 0.9, 0.7])
+    seen = {}
+
+    def evaluate():
+        s = next(scores)
+        seen[s] = {k: v.clone() for k, v in model.state_dict().items()}
+        return s, {}
+
+    run_loop(model, loss_fn, LoopSettings(run_dir=tmp_path, steps=4, optim=OptimSection(batch_size=16, lr=0.1, warmup_steps=0),
+                                          eval_every=1, patience=3), evaluate=evaluate)
+    best = torch.nn.Linear(2, 1)
+    assert load_best(tmp_path, best)
+    assert torch.equal(best.weight, seen[0.9]["weight"])
+
+
+def test_validation_score_counts_tasks_with_enough_positives_only():
+    import numpy as np
+
+    from kit.train.finetune import _enough_positives
+
+    assert _enough_positives("binary", np.array([1] * 10 + [0] * 50), 10)
+    assert not _enough_positives("binary", np.array([1] * 5 + [0] * 500), 10)  # 5 positives: not a signal to select on
+    assert not _enough_positives("binary", np.array([1] * 500 + [0] * 3), 10)
+    assert _enough_positives("multiclass", np.array([0] * 12 + [1] * 10 + [2]), 10)
+    assert not _enough_positives("multiclass", np.array([0] * 40 + [1] * 9), 10)
+    y = np.zeros((40, 3))
+    y[:9, 0] = 1
+    assert not _enough_positives("multilabel", y, 10)
+    y[:12, 2] = 1
+    assert _enough_positives("multilabel", y, 10)
+    assert _enough_positives("regression", np.zeros(3), 10)

@@ -51,6 +51,9 @@ class FinetuneSection(_Section):
     optim: OptimSection = Field(default_factory=OptimSection)
     eval_every: int = Field(50, ge=1)
     patience: int = Field(4, ge=0, description="Evaluations without improvement before stopping (0 = never stop).")
+    min_val_positives: int = Field(
+        10, ge=0, description="A task counts toward the validation score (early stopping, best checkpoint) only with at "
+        "least this many positive and negative validation rows (classification): an AUROC over a few positives is noise.")
     checkpoint_every: int = Field(50, ge=1)
     keep_forecasting: float = Field(0.0, ge=0, description="Weight of the next-event loss mixed in against forgetting.")
     task_weights: dict[str, float] = Field(default_factory=dict, description="Per-task loss weights (default 1).")

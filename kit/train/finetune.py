@@ -110,8 +110,10 @@ def pretrain(
 
 
 def validation_score(model, ds: LoadedDataset, tasks: list[TaskSpec], device, config: TrainConfig, split: str = "val") -> tuple[float, dict]:
-    """Mean over tasks of each task's primary metric on `split` (tasks whose metric is undefined are skipped)."""
-    per_task = {}
+    """Mean over tasks of each task's primary metric on `split` (tasks whose metric is undefined are skipped, and so
+    are classification tasks with fewer than `finetune.min_val_positives` positive or negative rows there: they are
+    reported in the per-task dict but do not steer early stopping)."""
+    per_task, counted = {}, []
     for t in tasks:
         # A fixed subsample keeps frequent evaluation cheap; the test split is always scored in full.
         rows = _pick(ds.splits[split][t.name].rows, config.max_eval_rows, config.seed)
@@ -123,10 +125,25 @@ def validation_score(model, ds: LoadedDataset, tasks: list[TaskSpec], device, co
         except KeyError:
             fn, metric = metric_fn(t.type, "auroc" if t.type != "regression" else "mae"), "auroc"
         scores = scores_from_outputs(t.type, task_logits(model, rows, t.name, device, batch_size=config.eval_batch_size, bf16=config.bf16))
-        value = fn(targets_array(t.type, rows), scores)
+        y = targets_array(t.type, rows)
+        value = fn(y, scores)
         per_task[t.name] = -value if metric == "mae" else value
-    vals = [v for v in per_task.values() if not math.isnan(v)]
+        if _enough_positives(t.type, y, config.finetune.min_val_positives):
+            counted.append(per_task[t.name])
+    vals = [v for v in counted if not math.isnan(v)]
     return (float(np.mean(vals)) if vals else float("nan")), per_task
+
+
+def _enough_positives(kind: str, y: np.ndarray, need: int) -> bool:
+    if kind == "binary":
+        pos = int(np.sum(y == 1))
+        return min(pos, len(y) - pos) >= need
+    if kind == "multiclass":  # at least two classes with `need` rows each
+        return int(np.sum(np.bincount(y.astype(int)) >= need)) >= 2
+    if kind == "multilabel":  # some label with `need` positives and negatives
+        pos = np.nansum(y, axis=0)
+        return bool(np.any((pos >= need) & (len(y) - pos >= need)))
+    return True
 
 
 def training_tasks(ds: LoadedDataset, config: TrainConfig) -> list[TaskSpec]:

@@ -151,7 +151,8 @@ def run_loop(
             if evaluate is not None and settings.eval_every and (state.step % settings.eval_every == 0 or state.step == settings.steps):
                 score, details = evaluate()
                 record["eval"] = {"score": score, **details}
-                if state.best_metric is None or (not math.isnan(score) and score > state.best_metric):
+                best = state.best_metric
+                if best is None or (not math.isnan(score) and (math.isnan(best) or score > best)):
                     state.best_metric, state.best_step, state.bad_evals = score, state.step, 0
                     if main:
                         _save_best(run_dir, model)
