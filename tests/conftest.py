@@ -113,3 +113,34 @@ def tiny_clinical_bundle(tmp_path_factory) -> Path:
     )
     result = run_finetune(req, lambda _msg: None, lambda _label, _total: None)
     return result.bundle_dir
+
+
+FINANCE_TASKS_DATA = REPO / "tests" / "data" / "finance_tasks"
+TINY_FINANCE_TRAIN = [
+    "device=cpu", "model.size=tiny", "pretrain.steps=2", "pretrain.optim.batch_size=4", "finetune.steps=3",
+    "finetune.eval_every=3", "finetune.checkpoint_every=3", "finetune.optim.batch_size=4", "n_bootstrap=0",
+    "max_eval_rows=16",
+]
+TINY_FINANCE_BUILD = ["tokenizer.max_len=48", "tokenizer.min_count=2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_finance_bundle(tmp_path_factory) -> Path:
+    """A small trained finance bundle (all six tasks), built once per session by the real `kit finetune` workflow
+    (in process) from tests/data/finance_tasks (AMLSim, UCI, German credit subsets and 299 tweets), with a tiny
+    Mamba, 2 pretraining and 3 finetuning steps: the metrics mean nothing, the files are real.
+
+    Returns `<workdir>/bundle`. Beside it: `<workdir>/finance.kitbundle` (packed), `<workdir>/events` (the event
+    store), `<workdir>/dataset` and `<workdir>/pretrain/model` (a kit checkpoint, for `--base-model`). Never change
+    these files; copy them first.
+    """
+    from kit import registry
+    from kit.train.config import load_train_config
+    from kit.train.workflow import FinetuneRequest, run_finetune
+
+    workdir = tmp_path_factory.mktemp("tiny-finance")
+    registry.vertical("finance").ingest([FINANCE_TASKS_DATA], workdir / "events")
+    req = FinetuneRequest(vertical="finance", data=[workdir / "events"], workdir=workdir,
+                          config=load_train_config(overrides=TINY_FINANCE_TRAIN), dataset_overrides=TINY_FINANCE_BUILD)
+    result = run_finetune(req, lambda _msg: None, lambda _label, _total: None)
+    return result.bundle_dir

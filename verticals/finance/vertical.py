@@ -46,19 +46,24 @@ class FinanceVertical:
 
     def ingest(self, paths: list[Path], out: Path, **options: Any) -> Any:
         """Raw records to one event store: statements and tables through the finance connector (`kit ingest
-        finance`), labelled text corpora (`text,label` CSVs) through verticals/finance/text.py."""
+        finance`), text corpora (`text,label` or `text` CSVs) through verticals/finance/text.py, and kit JSON
+        documents (`{"subjects": [...], "events": [...]}`, as `kit serve` takes them) through
+        verticals/finance/jsondocs.py."""
         from kit.fsutil import atomic_dir
+        from verticals.finance.jsondocs import add_documents, is_json_document
         from verticals.finance.text import add_corpora, is_text_corpus
 
         files = _expand(paths)
         corpora = [f for f in files if is_text_corpus(f)]
+        documents = [f for f in files if is_json_document(f)]
+        taken = set(corpora) | set(documents)
         records: list[Path] = []
         for p in map(Path, paths):
             inside = _expand([p])
-            if not any(f in corpora for f in inside):
+            if not any(f in taken for f in inside):
                 records.append(p)  # the connector walks it and skips what is not an input
             elif p.is_dir():
-                records.extend(f for f in inside if f not in corpora and f.name.lower().endswith(DATA_SUFFIXES)
+                records.extend(f for f in inside if f not in taken and f.name.lower().endswith(DATA_SUFFIXES)
                                and not any(part.startswith(".") for part in f.relative_to(p).parts))
         with atomic_dir(Path(out)) as tmp:
             summary: Any = None
@@ -77,7 +82,22 @@ class FinanceVertical:
                     for f, r in text_report.items():
                         Console(stderr=True).print(f"text corpus {f}: {r['rows']:,} rows, labels {r['labels']}, "
                                                    f"{r['quarantined']} quarantined")
+            if documents:
+                doc_report = add_documents(tmp, documents, fail_fast=bool(options.get("fail_fast")))
+                if options.get("show_progress"):
+                    from rich.console import Console
+
+                    for f, r in doc_report.items():
+                        why = ", quarantined (reason in quarantine.ndjson)" if r["quarantined"] else ""
+                        Console(stderr=True).print(f"JSON document {f}: {r['subjects']:,} subjects, {r['events']:,} "
+                                                   f"events{why}")
         return summary
+
+    def prediction_formats(self) -> dict[str, Any]:
+        """`kit predict --format` / `kit serve --format`: kit's JSON, with `TEXT` events read as words."""
+        from verticals.finance.jsondocs import FinanceJsonFormat
+
+        return {"json": FinanceJsonFormat()}
 
     def task_names(self) -> list[str]:
         return list(_shipped())
