@@ -46,10 +46,13 @@ def _whole_row_logits(model, rows: list[Row], device, *, batch_size: int, bf16: 
     return out_rows
 
 
-# CPU GEMMs over fewer rows than this take another kernel (GEMV) that rounds differently; every stepped model call
-# covers at least this many rows so a row's score never depends on what shares its batch (evaluation and the
-# Predictor batch differently and must agree exactly).
+# CPU GEMMs pick their kernel by the row count, and kernels round differently: evaluation and the Predictor batch
+# differently yet must agree exactly, so no model call's row count depends on the company a row keeps. A history is
+# read with histories of its own length only, padded to at least _MIN_ROWS positions; task tokens are always stepped
+# _STEP_ROWS at a time (a short chunk is filled with repeats).
 _MIN_ROWS = 8
+_STEP_ROWS = 64
+_STATE_WINDOW = 16  # history batches whose states are held at once
 
 
 def _history_key(r: Row) -> bytes:
@@ -75,13 +78,21 @@ def _stepped_logits(model, rows: list[Row], device, *, batch_size: int, bf16: bo
     def inputs(batch: dict) -> dict:
         return {k: v.to(dev) for k, v in batch.items() if k in ("input_ids", "attention_mask") or k in used}
 
-    for part in batches:
-        with autocast(dev, bf16):
-            state = model.history_state(**inputs(collate_histories([rows[m[0]] for m in part], min_len=_MIN_ROWS)))
-        todo = [(i, g) for g, m in enumerate(part) for i in m]
-        for s in range(0, len(todo), batch_size):
-            chunk = todo[s:s + batch_size]
-            chunk = chunk + [chunk[-1]] * (_MIN_ROWS - len(chunk))  # repeated rows are computed and dropped
+    # Task tokens are stepped in full batches across history batches (many lengths make many small history
+    # batches); a window of history batches bounds the states held at once.
+    for w in range(0, len(batches), _STATE_WINDOW):
+        window = batches[w:w + _STATE_WINDOW]
+        states, todo = [], []
+        for part in window:
+            with autocast(dev, bf16):
+                states.append(model.history_state(**inputs(collate_histories([rows[m[0]] for m in part], min_len=_MIN_ROWS))))
+            base = sum(len(p) for p in window[:len(states) - 1])
+            todo += [(i, base + g) for g, m in enumerate(part) for i in m]
+        state = MambaState(conv=[torch.cat(layer) for layer in zip(*(st.conv for st in states))],
+                           ssm=[torch.cat(layer) for layer in zip(*(st.ssm for st in states))])
+        for s in range(0, len(todo), _STEP_ROWS):
+            chunk = todo[s:s + _STEP_ROWS]
+            chunk = chunk + [chunk[-1]] * (_STEP_ROWS - len(chunk))  # repeated rows are computed and dropped
             index = torch.tensor([g for _, g in chunk], device=dev)
             step_state = MambaState(conv=[c[index] for c in state.conv], ssm=[h[index] for h in state.ssm])
             with autocast(dev, bf16):
