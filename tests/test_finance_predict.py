@@ -177,11 +177,14 @@ def test_kit_serve_answers_json_predictions_and_json_errors(tiny_finance_bundle,
             assert resp.status_code == 200 and resp.headers["content-type"] == "application/json", resp.text[:500]
             body = resp.json()
             assert body["bundle"]["vertical"] == "finance"
-            got = {(p["subject"], p["task"]): (p["probability"], p["scores"], p["as_of"]) for p in body["predictions"]}
-            want = {(p.subject, p.task): (p.probability, p.scores, p.as_of.isoformat() + "Z")
-                    for p in predictor.predict(doc, explain=False)}
-            assert got == want and len(got) == 2 * len(predictor.tasks)
-            assert got[("tweet-1", "news_sentiment")][2] == "2024-05-02T09:30:00Z"
+            got = {(p["subject"], p["task"]): p for p in body["predictions"]}
+            want = {(p.subject, p.task): p for p in predictor.predict(doc, explain=False)}
+            assert got.keys() == want.keys() and len(got) == 2 * len(predictor.tasks)
+            for key, p in want.items():  # the same numbers up to float noise (another process, its own kernels)
+                assert got[key]["as_of"] == p.as_of.isoformat() + "Z", key
+                assert got[key]["probability"] == pytest.approx(p.probability, abs=1e-5), key
+                assert got[key]["scores"] == pytest.approx(p.scores, abs=1e-5), key
+            assert got[("tweet-1", "news_sentiment")]["as_of"] == "2024-05-02T09:30:00Z"
             batch = c.post("/predict/batch", json=[doc, {"subjects": []}]).json()
             assert [r["status"] for r in batch["results"]] == [200, 422] and len(batch["results"][0]["predictions"]) == len(got)
             bad = c.post("/predict", json={"subjects": [{"subject_id": "a"}], "events": [{"subject_id": "a", "code": "TEXT"}]})
