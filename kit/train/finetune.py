@@ -163,6 +163,19 @@ def training_tasks(ds: LoadedDataset, config: TrainConfig) -> list[TaskSpec]:
 INITIAL_WEIGHTS = "initial.safetensors"
 
 
+def _align_base_vocabulary(model: KitModel, base: Path, ds: LoadedDataset) -> tuple[KitModel, str]:
+    from kit import registry
+    from kit.tokenizer import PAD, Tokenizer
+    from kit.train.base_vocab import align_vocabulary
+
+    tokenizer = Tokenizer.load(ds.root / "tokenizer.json")
+    try:
+        token_text = getattr(registry.vertical(ds.manifest.get("vertical", "")), "token_text", None)
+    except KitError:
+        token_text = None
+    return align_vocabulary(model, base, tokenizer.vocab, tokenizer.token_to_id[PAD], token_text)
+
+
 def finetune(
     ds: LoadedDataset,
     config: TrainConfig,
@@ -171,8 +184,12 @@ def finetune(
     base: KitModel | str | Path | None = None,
     progress: ProgressFn | None = None,
     stop_at: int | None = None,
+    say=None,
 ) -> KitModel:
-    """Multitask prompted finetuning: batches mix tasks by the dataset's weights, the loss is task-balanced."""
+    """Multitask prompted finetuning: batches mix tasks by the dataset's weights, the loss is task-balanced.
+
+    `base`: the pretrained model, or a checkpoint directory (kit or transformers) whose token embeddings are
+    re-indexed to the dataset's vocabulary (kit/train/base_vocab.py; `say` hears how)."""
     device = resolve_device(config.device)
     tasks = training_tasks(ds, config)
     if not tasks:
@@ -183,6 +200,8 @@ def finetune(
         assert all(k.startswith("task_heads.") for k in missing.missing_keys), missing.missing_keys
     elif base is not None:
         model = KitModel.from_pretrained(base, tasks=tasks, inputs=inputs_config(config))
+        model, how = _align_base_vocabulary(model, Path(base), ds)
+        (say or log.info)(how)
         if model.config.backbone.vocab_size < ds.vocab_size:
             raise KitError(f"--base-model {base}: its vocabulary ({model.config.backbone.vocab_size}) is smaller than the "
                            f"dataset's tokenizer ({ds.vocab_size})", hint="pretrain on this dataset instead")

@@ -218,6 +218,16 @@ def _train_stage(run_dir: Path, key: str, resume: bool, train: Callable[[], Any]
     return model
 
 
+def _keep_tokenizer(model_dir: Path, dataset_dir: Path) -> None:
+    """A saved model reads the dataset tokenizer's ids: keep the tokenizer beside it, so `--base-model` can match
+    another dataset's vocabulary to it by token (kit/train/base_vocab.py)."""
+    import shutil
+
+    target = model_dir / "tokenizer.json"
+    if distributed.current().is_main and model_dir.is_dir() and not target.exists():
+        shutil.copyfile(dataset_dir / "tokenizer.json", target)
+
+
 def run_finetune(req: FinetuneRequest, say: Say, progress_factory: Callable[[str, int], Any]) -> FinetuneResult:
     """All stages; `progress_factory(label, total)` returns a callback(step, total, record)."""
     from kit.models import KitModel
@@ -252,15 +262,18 @@ def run_finetune(req: FinetuneRequest, say: Say, progress_factory: Callable[[str
             lambda: pretrain(ds, cfg, req.workdir / "pretrain", progress=progress_factory("pretrain", cfg.pretrain.steps)),
             say, "pretrain",
         )
+        _keep_tokenizer(req.workdir / "pretrain" / "model", dataset_dir)
     if req.pretrain_only:
         return FinetuneResult(req.workdir, None, None, {})
     # LiNeS settings act after training: changing them reuses the finetuned model.
     ft_key = _sha({"dataset": ds_key, "config": cfg.model_dump(mode="json", exclude={"lines"}), "base": str(req.base_model)})
     model = _train_stage(
         req.workdir / "finetune", ft_key, req.resume,
-        lambda: finetune(ds, cfg, req.workdir / "finetune", base=base, progress=progress_factory("finetune", cfg.finetune.steps)),
+        lambda: finetune(ds, cfg, req.workdir / "finetune", base=base, progress=progress_factory("finetune", cfg.finetune.steps),
+                         say=say),
         say, "finetune",
     )
+    _keep_tokenizer(req.workdir / "finetune" / "model", dataset_dir)
     if not dist_info.is_main:
         return FinetuneResult(req.workdir, None, None, {})
     initial = req.workdir / "finetune" / INITIAL_WEIGHTS

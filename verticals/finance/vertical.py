@@ -93,6 +93,16 @@ class FinanceVertical:
                                                    f"events{why}")
         return summary
 
+    def token_text(self, token: str) -> str | None:
+        """A token's words for a `--base-model` checkpoint's own tokenizer (kit/train/base_vocab.py): a text's word
+        (`TEXT/bullish` -> `bullish`), the code's words for other tokens (`TXN/DEBIT#Q3` -> `TXN DEBIT`)."""
+        from kit.train.base_vocab import default_token_text
+        from verticals.finance.text import TEXT_PREFIX
+
+        if token.startswith(TEXT_PREFIX):
+            return token[len(TEXT_PREFIX):] or None
+        return default_token_text(token)
+
     def prediction_formats(self) -> dict[str, Any]:
         """`kit predict --format` / `kit serve --format`: kit's JSON, with `TEXT` events read as words."""
         from verticals.finance.jsondocs import FinanceJsonFormat
