@@ -279,3 +279,46 @@ def test_json_format_serves_any_vertical(predictor, patient_docs):
         err = c.post("/predict", json={"subjects": []})
         assert err.status_code == 422 and err.json()["error"]["code"] == "required"
         assert c.post("/predict", content=b"{", headers={"Content-Type": "application/json"}).json()["error"]["status"] == 400
+
+
+def test_concurrent_requests_scored_together_answer_as_alone(url, patient_docs, predictor):
+    """Concurrent /predict requests (the same patient twice among them) are scored in shared passes by the
+    server's batcher; each answer is the one that request gets alone, for its own patient."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kit.predict.formats import get_format
+    from kit.serve.batcher import RequestBatcher
+
+    docs = [patient_docs[i % len(patient_docs)] for i in range(8)]
+
+    def probabilities(body: dict) -> dict:
+        return {(r["subject"]["reference"], r["code"]["coding"][0]["code"]): r["prediction"][0].get("probabilityDecimal")
+                for r in (e["resource"] for e in body["entry"]) if r["resourceType"] == "RiskAssessment"}
+
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
+        alone = [probabilities(c.post("/predict", content=orjson.dumps(d), headers=FHIR).json()) for d in patient_docs]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda d: c.post("/predict", content=orjson.dumps(d), headers=FHIR), docs))
+    for i, resp in enumerate(together):
+        assert resp.status_code == 200
+        assert probabilities(resp.json()) == alone[i % len(patient_docs)]
+
+    # The batcher itself: merged passes really happen, with duplicate patients, and give the same predictions.
+    wire = get_format("clinical")
+    data = [wire.parse(d) for d in docs]
+    batcher = RequestBatcher(predictor)
+    calls = []
+    real = predictor.predict_data
+
+    def counting(sd, **kw):
+        calls.append(sd.subjects.height)
+        return real(sd, **kw)
+
+    batcher.predictor = type("Counting", (), {"predict_data": staticmethod(counting)})()
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda sd: batcher.predict(sd, explain=False), data))
+    assert sum(calls) == len(docs) and max(calls) > 1  # every request scored once, some of them together
+    for sd, preds in zip(data, got, strict=True):
+        want = real(sd, explain=False)
+        assert [(p.subject_id, p.task, p.probability, p.scores) for p in preds] == \
+               [(p.subject_id, p.task, p.probability, p.scores) for p in want]

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kit import __version__
 from kit.errors import KitError
 from kit.predict.formats import BadInput, SubjectData
+from kit.serve.batcher import RequestBatcher
 
 log = logging.getLogger("kit.serve")
 DEFAULT_MAX_BYTES = 16 << 20
@@ -69,6 +70,7 @@ def create_app(predictor, *, token: str | None = None, max_bytes: int = DEFAULT_
     wire = get_format(predictor.bundle.vertical, fmt)
     media = wire.request_media_types
     memory = _Memory()
+    batcher = RequestBatcher(predictor)  # concurrent /predict requests are scored together
     app = FastAPI(
         title=f"kit {predictor.bundle.vertical} predictor",
         version=__version__,
@@ -161,7 +163,7 @@ def create_app(predictor, *, token: str | None = None, max_bytes: int = DEFAULT_
         def work():
             sd = wire.parse(doc)
             try:
-                preds = predictor.predict_data(sd, as_of=as_of, explain=explain)
+                preds = batcher.predict(sd, as_of=as_of, explain=explain)
                 return wire.render(preds, predictor.info, sd.rejected), preds
             finally:
                 memory.release()

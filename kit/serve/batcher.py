@@ -1,0 +1,109 @@
+"""Requests that arrive while the model is busy are scored together, in one `predict_data` call.
+
+Scoring one patient is mostly fixed cost (a tokenizer query, a model pass over one history, a step per task), so a
+worker that scores the queued patients of several concurrent requests in one pass serves more of them per second
+and each waits less. No timer: the first request scores at once; whatever queues meanwhile forms the next batch.
+Requests are served oldest first; a batch holds requests with the same options (as_of, explain), and a request that
+fails inside a batch is retried alone, so a bad request answers its own error and never another's.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import polars as pl
+
+from kit.predict.formats import SubjectData
+
+
+@dataclass(eq=False)  # compared by identity
+class _Pending:
+    data: SubjectData
+    key: tuple
+    n_subjects: int
+    as_of: Any = None
+    done: bool = False
+    result: list = field(default_factory=list)
+    error: BaseException | None = None
+
+
+class RequestBatcher:
+    """Thread-safe: call `predict` from any number of request threads."""
+
+    def __init__(self, predictor, *, max_subjects: int = 32) -> None:
+        self.predictor = predictor
+        self.max_subjects = max_subjects
+        self._cv = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._busy = False
+
+    def predict(self, data: SubjectData, *, as_of: Any = None, explain: bool = True) -> list:
+        """`Predictor.predict_data(data, as_of=as_of, explain=explain)`, possibly scored beside other requests."""
+        item = _Pending(data, (repr(as_of), bool(explain)), data.subjects.height, as_of)
+        with self._cv:
+            self._queue.append(item)
+            while not item.done:
+                if self._busy:
+                    self._cv.wait()
+                    continue
+                self._busy = True  # this thread scores the oldest waiting request and what can join it
+                batch = self._take()
+                self._cv.release()
+                try:
+                    self._score(batch)
+                finally:
+                    self._cv.acquire()
+                    self._busy = False
+                    self._cv.notify_all()
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def _take(self) -> list[_Pending]:
+        first = self._queue[0]
+        batch, n = [first], first.n_subjects
+        for p in self._queue[1:]:
+            if p.key == first.key and n + p.n_subjects <= self.max_subjects:
+                batch.append(p)
+                n += p.n_subjects
+        taken = {id(p) for p in batch}
+        self._queue = [p for p in self._queue if id(p) not in taken]
+        return batch
+
+    def _score(self, batch: list[_Pending]) -> None:
+        as_of, explain = batch[0].as_of, batch[0].key[1]
+        try:
+            if len(batch) == 1:
+                batch[0].result = self.predictor.predict_data(batch[0].data, as_of=as_of, explain=explain)
+            else:
+                self._score_together(batch, as_of, explain)
+        except BaseException as exc:  # noqa: BLE001 - handed to the request(s) it belongs to
+            if len(batch) == 1:
+                batch[0].error = exc
+            else:
+                for p in batch:  # which request caused it is unknown: each one alone answers for itself
+                    self._score([p])
+        finally:
+            for p in batch:
+                p.done = True
+
+    def _score_together(self, batch: list[_Pending], as_of: Any, explain: bool) -> None:
+        # Requests may name the same patient: each request's subjects get batch-unique ids while scored together
+        # (ids only key the rows; no computation reads them), then their own ids back.
+        events, subjects, owner = [], [], {}
+        for j, p in enumerate(batch):
+            ids = p.data.subjects["subject_id"].to_list()
+            new = {old: len(owner) + k for k, old in enumerate(ids)}
+            owner.update({v: (j, old) for old, v in new.items()})
+            remap = pl.col("subject_id").replace_strict(new, return_dtype=pl.Int64)
+            events.append(p.data.events.with_columns(remap))
+            subjects.append(p.data.subjects.with_columns(remap))
+        merged = SubjectData(events=pl.concat(events), subjects=pl.concat(subjects))
+        preds = self.predictor.predict_data(merged, as_of=as_of, explain=explain)
+        for p in batch:
+            p.result = []
+        for x in preds:
+            j, old = owner[x.subject_id]
+            batch[j].result.append(replace(x, subject_id=old))
