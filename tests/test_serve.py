@@ -322,3 +322,14 @@ def test_concurrent_requests_scored_together_answer_as_alone(url, patient_docs, 
         want = real(sd, explain=False)
         assert [(p.subject_id, p.task, p.probability, p.scores) for p in preds] == \
                [(p.subject_id, p.task, p.probability, p.scores) for p in want]
+
+
+def test_tasks_parameter_scores_a_subset(client, patient_docs):
+    resp = client.post("/predict?tasks=mortality_1y&explain=false", content=orjson.dumps(patient_docs[0]), headers=FHIR)
+    assert resp.status_code == 200
+    codes = {e["resource"]["code"]["coding"][0]["code"] for e in resp.json()["entry"]
+             if e["resource"]["resourceType"] == "RiskAssessment"}
+    assert codes == {"mortality_1y"}
+    outcome = _validate_outcome(client.post("/predict?tasks=no_such_task", content=orjson.dumps(patient_docs[0]),
+                                            headers=FHIR), 422)
+    assert "mortality_1y" in orjson.dumps(outcome).decode()  # the message lists what the bundle predicts

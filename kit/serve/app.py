@@ -155,7 +155,8 @@ def create_app(predictor, *, token: str | None = None, max_bytes: int = DEFAULT_
 
     @app.post("/predict", openapi_extra={**_body_spec(_DOC_SCHEMA, media), "responses": _errors_spec()},
               summary="Score one patient's (or subject's) records")
-    async def predict(request: Request, explain: bool = explain, as_of: str | None = None) -> Response:
+    async def predict(request: Request, explain: bool = explain, as_of: str | None = None,
+                      tasks: str | None = None) -> Response:
         """Answers a FHIR Bundle (type collection) of RiskAssessment, one per subject and task
         (plain JSON predictions for non-FHIR verticals)."""
         doc = await read_document(request)
@@ -163,7 +164,7 @@ def create_app(predictor, *, token: str | None = None, max_bytes: int = DEFAULT_
         def work():
             sd = wire.parse(doc)
             try:
-                preds = batcher.predict(sd, as_of=as_of, explain=explain)
+                preds = batcher.predict(sd, as_of=as_of, explain=explain, tasks=_task_list(tasks))
                 return wire.render(preds, predictor.info, sd.rejected), preds
             finally:
                 memory.release()
@@ -174,14 +175,16 @@ def create_app(predictor, *, token: str | None = None, max_bytes: int = DEFAULT_
     @app.post("/predict/batch", openapi_extra={**_body_spec({"type": "array", "items": _DOC_SCHEMA}, media),
                                                "responses": _errors_spec()},
               summary="Score many documents together")
-    async def predict_batch(request: Request, explain: bool = explain, as_of: str | None = None) -> Response:
+    async def predict_batch(request: Request, explain: bool = explain, as_of: str | None = None,
+                            tasks: str | None = None) -> Response:
         """A JSON array of documents (or a Bundle whose entries are Bundles). Answers a batch-response Bundle: per
         document its Bundle of RiskAssessment (status 200) or its OperationOutcome (its 4xx status)."""
         doc = await read_document(request)
 
         def work():
             try:
-                return _score_batch(predictor, wire, wire.split_batch(doc), as_of=as_of, explain=explain)
+                return _score_batch(predictor, wire, wire.split_batch(doc), as_of=as_of, explain=explain,
+                                    tasks=_task_list(tasks))
             finally:
                 memory.release()
 
@@ -232,7 +235,13 @@ def configure_logging(level: str) -> None:
     log.propagate = False
 
 
-def _score_batch(predictor, wire, docs: list, *, as_of, explain: bool) -> tuple[list, int, int]:
+def _task_list(tasks: str | None) -> list[str] | None:
+    """?tasks=a,b: score only these of the bundle's tasks (an unknown name is a 422 naming the bundle's tasks)."""
+    names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    return names or None
+
+
+def _score_batch(predictor, wire, docs: list, *, as_of, explain: bool, tasks: list[str] | None = None) -> tuple[list, int, int]:
     """Parse every document, score all good ones in one pass, and hand each document its own predictions."""
     import polars as pl
 
@@ -252,7 +261,7 @@ def _score_batch(predictor, wire, docs: list, *, as_of, explain: bool) -> tuple[
     preds = []
     if good:
         merged = SubjectData(events=pl.concat([g.events for g in good]), subjects=pl.concat([g.subjects for g in good]))
-        preds = predictor.predict_data(merged, as_of=as_of, explain=explain)
+        preds = predictor.predict_data(merged, as_of=as_of, explain=explain, tasks=tasks)
     per_doc: dict[int, list] = {}
     for p in preds:
         per_doc.setdefault(owner[p.subject_id], []).append(p)

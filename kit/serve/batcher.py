@@ -3,8 +3,8 @@
 Scoring one patient is mostly fixed cost (a tokenizer query, a model pass over one history, a step per task), so a
 worker that scores the queued patients of several concurrent requests in one pass serves more of them per second
 and each waits less. No timer: the first request scores at once; whatever queues meanwhile forms the next batch.
-Requests are served oldest first; a batch holds requests with the same options (as_of, explain), and a request that
-fails inside a batch is retried alone, so a bad request answers its own error and never another's.
+Requests are served oldest first; a batch holds requests with the same options (as_of, explain, tasks), and a
+request that fails inside a batch is retried alone, so a bad request answers its own error and never another's.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ class RequestBatcher:
         self._queue: list[_Pending] = []
         self._busy = False
 
-    def predict(self, data: SubjectData, *, as_of: Any = None, explain: bool = True) -> list:
-        """`Predictor.predict_data(data, as_of=as_of, explain=explain)`, possibly scored beside other requests."""
-        item = _Pending(data, (repr(as_of), bool(explain)), data.subjects.height, as_of)
+    def predict(self, data: SubjectData, *, as_of: Any = None, explain: bool = True, tasks: list[str] | None = None) -> list:
+        """`Predictor.predict_data(data, as_of=..., explain=..., tasks=...)`, possibly scored beside other requests."""
+        item = _Pending(data, (repr(as_of), bool(explain), tuple(tasks) if tasks else None), data.subjects.height, as_of)
         with self._cv:
             self._queue.append(item)
             while not item.done:
@@ -73,12 +73,13 @@ class RequestBatcher:
         return batch
 
     def _score(self, batch: list[_Pending]) -> None:
-        as_of, explain = batch[0].as_of, batch[0].key[1]
+        as_of, explain, tasks = batch[0].as_of, batch[0].key[1], batch[0].key[2]
+        tasks = list(tasks) if tasks else None
         try:
             if len(batch) == 1:
-                batch[0].result = self.predictor.predict_data(batch[0].data, as_of=as_of, explain=explain)
+                batch[0].result = self.predictor.predict_data(batch[0].data, as_of=as_of, explain=explain, tasks=tasks)
             else:
-                self._score_together(batch, as_of, explain)
+                self._score_together(batch, as_of, explain, tasks)
         except BaseException as exc:  # noqa: BLE001 - handed to the request(s) it belongs to
             if len(batch) == 1:
                 batch[0].error = exc
@@ -89,7 +90,7 @@ class RequestBatcher:
             for p in batch:
                 p.done = True
 
-    def _score_together(self, batch: list[_Pending], as_of: Any, explain: bool) -> None:
+    def _score_together(self, batch: list[_Pending], as_of: Any, explain: bool, tasks: list[str] | None) -> None:
         # Requests may name the same patient: each request's subjects get batch-unique ids while scored together
         # (ids only key the rows; no computation reads them), then their own ids back.
         events, subjects, owner = [], [], {}
@@ -101,7 +102,7 @@ class RequestBatcher:
             events.append(p.data.events.with_columns(remap))
             subjects.append(p.data.subjects.with_columns(remap))
         merged = SubjectData(events=pl.concat(events), subjects=pl.concat(subjects))
-        preds = self.predictor.predict_data(merged, as_of=as_of, explain=explain)
+        preds = self.predictor.predict_data(merged, as_of=as_of, explain=explain, tasks=tasks)
         for p in batch:
             p.result = []
         for x in preds:
