@@ -333,3 +333,26 @@ def test_tasks_parameter_scores_a_subset(client, patient_docs):
     outcome = _validate_outcome(client.post("/predict?tasks=no_such_task", content=orjson.dumps(patient_docs[0]),
                                             headers=FHIR), 422)
     assert "mortality_1y" in orjson.dumps(outcome).decode()  # the message lists what the bundle predicts
+
+
+def test_a_subject_with_nothing_to_score_is_said_not_dropped(client, patient_docs, predictor):
+    """A patient with no event before as_of gets no RiskAssessment, and the answer says so (an OperationOutcome
+    warning); with the JSON format, a `not_used` entry naming the subject."""
+    from fhir.resources.R4B.bundle import Bundle
+
+    body = client.post("/predict?explain=false&as_of=1800-01-01T00:00:00Z", content=orjson.dumps(patient_docs[0]),
+                       headers=FHIR).json()
+    Bundle.model_validate(body)
+    kinds = [e["resource"]["resourceType"] for e in body["entry"]]
+    assert "RiskAssessment" not in kinds and kinds.count("OperationOutcome") == 1
+    outcome = next(e["resource"] for e in body["entry"] if e["resource"]["resourceType"] == "OperationOutcome")
+    assert any("no event before the prediction time" in i["diagnostics"] for i in outcome["issue"])
+
+    app = create_app(predictor, fmt="json")
+    with LoopbackServer(app) as base, httpx.Client(base_url=base, timeout=60) as c:
+        doc = {"subjects": [{"subject_id": "a", "birth_time": "1950-01-01T00:00:00"},
+                            {"subject_id": "b", "birth_time": "1960-01-01T00:00:00"}],
+               "events": [{"subject_id": "a", "time": "2010-05-01T00:00:00", "code": "SNOMED/38341003"}]}
+        out = c.post("/predict?explain=false", content=orjson.dumps(doc), headers={"Content-Type": "application/json"}).json()
+    assert {p["subject"] for p in out["predictions"]} == {"a"}
+    assert [n["id"] for n in out["not_used"]] == ["b"]

@@ -138,7 +138,10 @@ class JsonFormat:
         return [p.to_dict() for p in predictions]
 
     def render(self, predictions: list, info: dict, rejected: list[dict] | None = None) -> Any:
-        return {"bundle": info, "predictions": self.records(predictions, info)}
+        out = {"bundle": info, "predictions": self.records(predictions, info)}
+        if rejected:  # records or subjects of the request that were not used, by id and reason (never content)
+            out["not_used"] = [{"id": r.get("resource_id"), "reason": r["reason"]} for r in rejected]
+        return out
 
     def render_batch(self, results: list, info: dict) -> Any:
         out = []
@@ -146,7 +149,7 @@ class JsonFormat:
             if isinstance(res, BadInput):
                 out.append({"status": res.status, "error": self.error(res)["error"]})
             else:
-                out.append({"status": 200, "predictions": self.records(res[0], info)})
+                out.append({"status": 200, **{k: v for k, v in self.render(res[0], info, res[1]).items() if k != "bundle"}})
         return {"bundle": info, "results": out}
 
     def error(self, err: BadInput) -> Any:

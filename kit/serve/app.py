@@ -165,7 +165,7 @@ def create_app(predictor, *, token: str | None = None, max_bytes: int = DEFAULT_
             sd = wire.parse(doc)
             try:
                 preds = batcher.predict(sd, as_of=as_of, explain=explain, tasks=_task_list(tasks))
-                return wire.render(preds, predictor.info, sd.rejected), preds
+                return wire.render(preds, predictor.info, [*sd.rejected, *_unscored(sd, preds)]), preds
             finally:
                 memory.release()
 
@@ -235,6 +235,15 @@ def configure_logging(level: str) -> None:
     log.propagate = False
 
 
+def _unscored(sd: SubjectData, preds: list) -> list[dict]:
+    """The request's subjects that got no prediction (no event before the prediction time), said in the answer
+    beside the records that could not be read, so nothing a client sent disappears without a word."""
+    scored = {p.subject_id for p in preds}
+    return [{"position": None, "resource_type": None, "resource_id": key,
+             "reason": "no event before the prediction time to score (pass as_of, or send the subject's records)"}
+            for sid, key in sd.subjects.select("subject_id", "source_subject_id").iter_rows() if sid not in scored]
+
+
 def _task_list(tasks: str | None) -> list[str] | None:
     """?tasks=a,b: score only these of the bundle's tasks (an unknown name is a 422 naming the bundle's tasks)."""
     names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
@@ -265,7 +274,8 @@ def _score_batch(predictor, wire, docs: list, *, as_of, explain: bool, tasks: li
     per_doc: dict[int, list] = {}
     for p in preds:
         per_doc.setdefault(owner[p.subject_id], []).append(p)
-    results = [p if isinstance(p, BadInput) else (per_doc.get(i, []), p.rejected) for i, p in enumerate(parsed)]
+    results = [p if isinstance(p, BadInput) else (per_doc.get(i, []), [*p.rejected, *_unscored(p, per_doc.get(i, []))])
+               for i, p in enumerate(parsed)]
     return results, len(good), len(preds)
 
 
