@@ -144,3 +144,53 @@ def tiny_finance_bundle(tmp_path_factory) -> Path:
                           config=load_train_config(overrides=TINY_FINANCE_TRAIN), dataset_overrides=TINY_FINANCE_BUILD)
     result = run_finetune(req, lambda _msg: None, lambda _label, _total: None)
     return result.bundle_dir
+
+
+class ServeProcess:
+    """A real `kit serve` subprocess on a free loopback port: `url` once it listens, `log()` its stderr so far
+    (all of it after `stop()`)."""
+
+    def __init__(self, *args: str, timeout: float = 120) -> None:
+        import re
+        import subprocess
+        import sys
+        import time
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "kit", "serve", *args, "--port", "0"], stderr=subprocess.PIPE,
+                                     text=True, env={**os.environ, "COLUMNS": "200"}, cwd=REPO)
+        self.lines: list[str] = []
+        port, deadline = None, time.monotonic() + timeout
+        while port is None and time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line and self.proc.poll() is not None:
+                raise AssertionError("kit serve exited:\n" + "".join(self.lines))
+            self.lines.append(line)
+            m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+            port = int(m.group(1)) if m else None
+        if port is None:
+            self.stop()
+            raise AssertionError("kit serve did not report its port:\n" + "".join(self.lines))
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.terminate()
+            _, rest = self.proc.communicate(timeout=30)
+            self.lines.append(rest)
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+
+@pytest.fixture
+def kit_serve():
+    """Start real `kit serve` processes: `server = kit_serve("--bundle", str(b))`; each is stopped after the test."""
+    started: list[ServeProcess] = []
+
+    def start(*args: str) -> ServeProcess:
+        started.append(ServeProcess(*args))
+        return started[-1]
+
+    yield start
+    for s in started:
+        s.stop()

@@ -3,10 +3,8 @@ tables, kit JSON documents and tweets (a `TEXT` event or a `text` CSV) scored ex
 
 import csv
 import os
-import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -151,49 +149,36 @@ def test_kit_predict_reads_tables_json_documents_and_texts(tiny_finance_bundle, 
                         tasks=None, explain=False, chunk=8, batch_size=8, device="cpu")
 
 
-def test_kit_serve_answers_json_predictions_and_json_errors(tiny_finance_bundle, predictor, store):
+def test_kit_serve_answers_json_predictions_and_json_errors(tiny_finance_bundle, predictor, store, kit_serve):
     uci = _subject(store, "uci:1")
     doc = _doc(uci, "client-2")
     doc["subjects"].append({"subject_id": "tweet-1"})
     doc["events"].append({"subject_id": "tweet-1", "time": "2024-05-01T09:30:00Z", "code": "TEXT",
                           "text_value": "Shares of $XYZ tumble after profit warning"})
-    serve = subprocess.Popen([sys.executable, "-m", "kit", "serve", "--bundle", str(tiny_finance_bundle), "--port", "0"],
-                             stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"}, cwd=REPO)
-    try:
-        lines, port = [], None
-        deadline = time.monotonic() + 120
-        while port is None and time.monotonic() < deadline:
-            line = serve.stderr.readline()
-            assert line or serve.poll() is None, "".join(lines)
-            lines.append(line)
-            m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-            port = int(m.group(1)) if m else None
-        assert port, "".join(lines)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
-            assert c.get("/health").json()["bundle"] == "kit-finance"
-            meta = c.get("/metadata").json()
-            assert meta["vertical"] == "finance" and meta["tasks"]["news_sentiment"]["classes"] == ["bearish", "bullish", "neutral"]
-            resp = c.post("/predict", params={"explain": "false"}, json=doc)
-            assert resp.status_code == 200 and resp.headers["content-type"] == "application/json", resp.text[:500]
-            body = resp.json()
-            assert body["bundle"]["vertical"] == "finance"
-            got = {(p["subject"], p["task"]): p for p in body["predictions"]}
-            want = {(p.subject, p.task): p for p in predictor.predict(doc, explain=False)}
-            assert got.keys() == want.keys() and len(got) == 2 * len(predictor.tasks)
-            for key, p in want.items():  # the same numbers up to float noise (another process, its own kernels)
-                assert got[key]["as_of"] == p.as_of.isoformat() + "Z", key
-                assert got[key]["probability"] == pytest.approx(p.probability, abs=1e-5), key
-                assert got[key]["scores"] == pytest.approx(p.scores, abs=1e-5), key
-            assert got[("tweet-1", "news_sentiment")]["as_of"] == "2024-05-02T09:30:00Z"
-            batch = c.post("/predict/batch", json=[doc, {"subjects": []}]).json()
-            assert [r["status"] for r in batch["results"]] == [200, 422] and len(batch["results"][0]["predictions"]) == len(got)
-            bad = c.post("/predict", json={"subjects": [{"subject_id": "a"}], "events": [{"subject_id": "a", "code": "TEXT"}]})
-            assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid" and "TEXT" in bad.json()["error"]["message"]
-            assert c.post("/predict", content=b"{", headers={"Content-Type": "application/json"}).json()["error"]["status"] == 400
-            ofx = c.post("/predict", content=b"OFXHEADER:100", headers={"Content-Type": "application/x-ofx"})
-            assert ofx.status_code == 415 and ofx.json()["error"]["code"] == "not-supported"
-    finally:
-        serve.terminate()
-        _, rest = serve.communicate(timeout=30)
-    log = "".join(lines) + rest
+    server = kit_serve("--bundle", str(tiny_finance_bundle))
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        assert c.get("/health").json()["bundle"] == "kit-finance"
+        meta = c.get("/metadata").json()
+        assert meta["vertical"] == "finance" and meta["tasks"]["news_sentiment"]["classes"] == ["bearish", "bullish", "neutral"]
+        resp = c.post("/predict", params={"explain": "false"}, json=doc)
+        assert resp.status_code == 200 and resp.headers["content-type"] == "application/json", resp.text[:500]
+        body = resp.json()
+        assert body["bundle"]["vertical"] == "finance"
+        got = {(p["subject"], p["task"]): p for p in body["predictions"]}
+        want = {(p.subject, p.task): p for p in predictor.predict(doc, explain=False)}
+        assert got.keys() == want.keys() and len(got) == 2 * len(predictor.tasks)
+        for key, p in want.items():  # the same numbers up to float noise (another process, its own kernels)
+            assert got[key]["as_of"] == p.as_of.isoformat() + "Z", key
+            assert got[key]["probability"] == pytest.approx(p.probability, abs=1e-5), key
+            assert got[key]["scores"] == pytest.approx(p.scores, abs=1e-5), key
+        assert got[("tweet-1", "news_sentiment")]["as_of"] == "2024-05-02T09:30:00Z"
+        batch = c.post("/predict/batch", json=[doc, {"subjects": []}]).json()
+        assert [r["status"] for r in batch["results"]] == [200, 422] and len(batch["results"][0]["predictions"]) == len(got)
+        bad = c.post("/predict", json={"subjects": [{"subject_id": "a"}], "events": [{"subject_id": "a", "code": "TEXT"}]})
+        assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid" and "TEXT" in bad.json()["error"]["message"]
+        assert c.post("/predict", content=b"{", headers={"Content-Type": "application/json"}).json()["error"]["status"] == 400
+        ofx = c.post("/predict", content=b"OFXHEADER:100", headers={"Content-Type": "application/x-ofx"})
+        assert ofx.status_code == 415 and ofx.json()["error"]["code"] == "not-supported"
+    server.stop()
+    log = server.log()
     assert "status=200" in log and "status=422" in log and "client-2" not in log and "tumble" not in log

@@ -5,7 +5,6 @@ import gzip
 import itertools
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -221,7 +220,7 @@ def test_schemathesis_finds_no_server_error(url):
         check()
 
 
-def test_kit_serve_command_token_file_and_bad_bundle(tiny_clinical_bundle, tmp_path, patient_docs):
+def test_kit_serve_command_token_file_and_bad_bundle(tiny_clinical_bundle, tmp_path, patient_docs, kit_serve):
     env = {**os.environ, "COLUMNS": "200"}
     bad = tmp_path / "bad"
     shutil.copytree(tiny_clinical_bundle, bad)
@@ -231,29 +230,15 @@ def test_kit_serve_command_token_file_and_bad_bundle(tiny_clinical_bundle, tmp_p
     assert proc.returncode == 2 and "model.safetensors" in proc.stderr and "Traceback" not in proc.stderr
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    serve = subprocess.Popen([sys.executable, "-m", "kit", "serve", "--bundle", str(tiny_clinical_bundle), "--port", "0",
-                              "--token-file", str(token_file)], stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        lines = []
-        port = None
-        deadline = time.monotonic() + 120
-        while port is None and time.monotonic() < deadline:
-            line = serve.stderr.readline()
-            assert line or serve.poll() is None, "".join(lines)
-            lines.append(line)
-            m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-            port = int(m.group(1)) if m else None
-        assert port, "".join(lines)
-        base = f"http://127.0.0.1:{port}"
-        assert httpx.get(f"{base}/health", timeout=30).json()["status"] == "ok"
-        doc = orjson.dumps(patient_docs[0])
-        assert httpx.post(f"{base}/predict", content=doc, headers={**FHIR, "Authorization": "Bearer wrong"}, timeout=30).status_code == 401
-        ok = httpx.post(f"{base}/predict", content=doc, headers={**FHIR, **AUTH}, timeout=60)
-        assert ok.status_code == 200 and ok.headers["x-request-id"]
-    finally:
-        serve.terminate()
-        _, rest = serve.communicate(timeout=30)
-    log = "".join(lines) + rest
+    server = kit_serve("--bundle", str(tiny_clinical_bundle), "--token-file", str(token_file))
+    base = server.url
+    assert httpx.get(f"{base}/health", timeout=30).json()["status"] == "ok"
+    doc = orjson.dumps(patient_docs[0])
+    assert httpx.post(f"{base}/predict", content=doc, headers={**FHIR, "Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+    ok = httpx.post(f"{base}/predict", content=doc, headers={**FHIR, **AUTH}, timeout=60)
+    assert ok.status_code == 200 and ok.headers["x-request-id"]
+    server.stop()
+    log = server.log()
     assert "status=401" in log and "status=200" in log
     assert _patient_id(patient_docs[0]) not in log
 
