@@ -13,12 +13,9 @@ from collections import Counter
 from datetime import datetime, timezone
 from typing import Any
 
-import polars as pl
-
 from connectors.fhir import extract, ingest, sources
 from connectors.fhir.extract import ResourceContext
 from kit.errors import KitError
-from kit.events import EVENT_SCHEMA
 from kit.predict.formats import BadInput, SubjectData
 
 FHIR_JSON = "application/fhir+json"
@@ -85,11 +82,9 @@ def document_events(doc: Any) -> SubjectData:
             continue
         ctx = ResourceContext(0, rec.position, rec.refs or {}, run.medications, run.result.descriptions)
         run.resource(rec.resource, ctx, "<request>", "json")
-    from connectors.fhir.writer import _dedup, _sort_order, events_frame, subjects_table
+    from connectors.fhir.writer import store_events, subjects_table
 
-    df = events_frame(run.cols)
-    df, _ = _dedup(df)
-    events = df[_sort_order(df)].select(list(EVENT_SCHEMA)) if df.height else pl.DataFrame(schema=EVENT_SCHEMA)
+    events = store_events(run.cols)
     subjects, _ = subjects_table(run.result.patients)
     if subjects.height == 0:
         if run.result.versions:

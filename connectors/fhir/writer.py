@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from operator import itemgetter
 from pathlib import Path
 
 import orjson
@@ -103,6 +104,45 @@ def _sort_order(df: pl.DataFrame) -> pl.Series:
     )["_row"]
 
 
+# Below this many rows, deduplicating and sorting in Python beats polars' fixed cost per query (a request's patient).
+SMALL_ROWS = 20_000
+_ROW_KEYS = itemgetter(7, 8)  # (source_type, source_id) of an EventColumns row
+_ROW_COPIES = itemgetter(7, 8, 9, 10)  # ... and the input record it came from (file_index, position)
+
+
+def _row_order(row: tuple) -> tuple:
+    """`_sort_order`'s key for one EventColumns row (a null time first, as polars sorts with nulls_last=False)."""
+    t = row[1]
+    rank = 1
+    if row[7] == "Encounter":
+        code = row[2]
+        if code.endswith("/START"):
+            rank = 0
+        elif code.endswith("/END"):
+            rank = 2
+    return (row[0], t is not None, t or 0, rank, row[9], row[10], row[11])
+
+
+def store_events(cols: EventColumns) -> pl.DataFrame:
+    """The events of one in-memory run as the event store holds them: deduplicated (`_dedup`), in store row order
+    (`_sort_order`), EVENT_SCHEMA columns. A request-sized run with no repeated resource is sorted and typed in
+    Python, with no polars query (they cost milliseconds each at this size); the rest takes the store's own path."""
+    rows = cols.rows
+    if not rows:
+        return pl.DataFrame(schema=EVENT_SCHEMA)
+    if len(rows) > SMALL_ROWS or len(set(map(_ROW_KEYS, rows))) != len(set(map(_ROW_COPIES, rows))):
+        df, _ = _dedup(events_frame(cols))
+        return df[_sort_order(df)].select(list(EVENT_SCHEMA))
+    data = list(zip(*sorted(rows, key=_row_order)))
+    return pl.DataFrame(
+        [
+            pl.Series("subject_id", data[0], pl.Int64()),
+            pl.Series("time", data[1], pl.Int64()).cast(pl.Datetime("us")),
+            *(pl.Series(name, data[i], EVENT_SCHEMA[name], strict=False) for i, name in enumerate(EVENT_SCHEMA) if i > 1),
+        ]
+    )
+
+
 def write_sorted(df: pl.DataFrame, path: Path, order: pl.Series) -> None:
     """Write `df` in `order` one row group at a time, so sorting never holds a second full copy (notes are big)."""
     import pyarrow.parquet as pq
@@ -191,17 +231,16 @@ def subjects_table(patients: list[PatientRow]) -> tuple[pl.DataFrame, int]:
             best[p.source_subject_id] = p
     from kit.events import subject_id_for
 
-    rows = sorted(best.values(), key=lambda p: subject_id_for(p.source_subject_id))
-    df = pl.DataFrame(
-        {
-            "subject_id": [subject_id_for(p.source_subject_id) for p in rows],
-            "source_subject_id": [p.source_subject_id for p in rows],
-            "birth_time": [p.birth_time for p in rows],
-            "sex": [p.sex for p in rows],
-            "death_time": [p.death_time for p in rows],
-        },
-        schema={**SUBJECT_SCHEMA, "birth_time": pl.Int64(), "death_time": pl.Int64()},
-    ).with_columns(pl.col("birth_time").cast(pl.Datetime("us")), pl.col("death_time").cast(pl.Datetime("us")))
+    rows = sorted(((subject_id_for(p.source_subject_id), p) for p in best.values()), key=itemgetter(0))
+    df = pl.DataFrame(  # built column by column: a single request's patient should not pay for a polars query
+        [
+            pl.Series("subject_id", [sid for sid, _ in rows], SUBJECT_SCHEMA["subject_id"]),
+            pl.Series("source_subject_id", [p.source_subject_id for _, p in rows], SUBJECT_SCHEMA["source_subject_id"]),
+            pl.Series("birth_time", [p.birth_time for _, p in rows], pl.Int64()).cast(SUBJECT_SCHEMA["birth_time"]),
+            pl.Series("sex", [p.sex for _, p in rows], SUBJECT_SCHEMA["sex"]),
+            pl.Series("death_time", [p.death_time for _, p in rows], pl.Int64()).cast(SUBJECT_SCHEMA["death_time"]),
+        ]
+    )
     return df, dropped
 
 
