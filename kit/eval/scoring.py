@@ -51,7 +51,7 @@ def _whole_row_logits(model, rows: list[Row], device, *, batch_size: int, bf16: 
 # read with histories of its own length only, padded to at least _MIN_ROWS positions; task tokens are always stepped
 # _STEP_ROWS at a time (a short chunk is filled with repeats).
 _MIN_ROWS = 8
-_STEP_ROWS = 64
+_STEP_ROWS = 32
 _STATE_WINDOW = 16  # history batches whose states are held at once
 
 

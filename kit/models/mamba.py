@@ -176,6 +176,27 @@ class MambaMixer(nn.Module):
         out = self.out_proj(y.transpose(1, 2))
         return out, new_conv_state, new_ssm_state
 
+    def step(self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        """One token per row (B, H) read after `conv_state` (B, D, W-1) and `ssm_state` (B, D, N): the mixer's output
+        (B, H). The recurrence written out in a dozen small ops: for a single position the sequence kernels' launch and
+        layout costs were most of the time (a task token stepped from a history's state, `KitModel.task_step`)."""
+        spec = self.spec
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, D) each
+        window = torch.cat([conv_state.to(x.dtype), x[:, :, None]], dim=-1)  # (B, D, W)
+        x = (window * self.conv1d.weight[:, 0]).sum(-1)
+        if self.conv1d.bias is not None:
+            x = x + self.conv1d.bias
+        x = F.silu(x)
+        dt, b, c = torch.split(self.x_proj(x), [spec.time_step_rank, spec.state_size, spec.state_size], dim=-1)
+        delta = F.softplus(self.dt_proj(dt).float())  # (B, D)
+        A = -torch.exp(self.A_log.float())
+        xf = x.float()
+        # y = C.(exp(dA) h0 + dt x B) + D x: the new state itself is not needed, only its read-out.
+        decayed = torch.exp(delta[:, :, None] * A) * ssm_state.float()
+        y = torch.bmm(decayed, c.float()[:, :, None])[:, :, 0] + (delta * xf) * (b.float() * c.float()).sum(-1, keepdim=True)
+        y = (y + self.D.float() * xf) * F.silu(z.float())
+        return self.out_proj(y.to(self.out_proj.weight.dtype))
+
 
 class MambaBlock(nn.Module):
     def __init__(self, spec: MambaSpec) -> None:
@@ -244,3 +265,12 @@ class MambaBackbone(nn.Module):
                 new_state.conv.append(conv_state)
                 new_state.ssm.append(ssm_state)
         return BackboneOutput(last_hidden_state=self.norm_f(hidden), state=new_state)
+
+    def step(self, hidden: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """The final hidden state (B, H) for one input embedding per row (B, H) read after `state`; the state itself
+        is left as it was (a task token is read, never appended)."""
+        for i, layer in enumerate(self.layers):
+            residual = hidden.float() if layer.residual_in_fp32 else hidden
+            out = layer.mixer.step(layer.norm(hidden.to(layer.norm.weight.dtype)), state.conv[i], state.ssm[i])
+            hidden = residual + out
+        return self.norm_f(hidden)

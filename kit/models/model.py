@@ -113,8 +113,7 @@ class KitModel(nn.Module):
                   visit_ids=None) -> dict[str, torch.Tensor]:
         """Task heads' outputs for one token per row (B, 1), read after `state` (from `history_state`)."""
         embeds = self._embed(input_ids, time, age, token_type_ids, visit_ids)
-        hidden = self.backbone(inputs_embeds=embeds, state=state).last_hidden_state
-        return self.task_heads(hidden[:, -1])
+        return self.task_heads(self.backbone.step(embeds[:, -1], state))
 
     def save_pretrained(self, directory: str | Path) -> Path:
         from kit.models.checkpoint import save_pretrained
