@@ -76,7 +76,9 @@ def _stepped_logits(model, rows: list[Row], device, *, batch_size: int, bf16: bo
     dev = torch.device(device)
 
     def inputs(batch: dict) -> dict:
-        return {k: v.to(dev) for k, v in batch.items() if k in ("input_ids", "attention_mask") or k in used}
+        if "attention_mask" in batch and bool(batch["attention_mask"].all()):
+            batch = {**batch, "attention_mask": None}  # no padding: masking by ones would only cost time
+        return {k: None if v is None else v.to(dev) for k, v in batch.items() if k in ("input_ids", "attention_mask") or k in used}
 
     # Task tokens are stepped in full batches across history batches (many lengths make many small history
     # batches); a window of history batches bounds the states held at once.
