@@ -44,7 +44,7 @@ class Discovery:
     skipped: list[tuple[Path, str]]  # files found in directories that are not FHIR input, with why
 
 
-@dataclass
+@dataclass(slots=True)
 class RawRecord:
     position: int
     resource: object | None
@@ -146,23 +146,31 @@ def bundle_records(bundle: dict, base: int = 0, nested_ok: bool = True) -> Itera
     if not isinstance(entries, list):
         yield RawRecord(base, None, "Bundle.entry is not a list")
         return
+    # One pass reads every entry's resource and id (the per-request hot path: a Patient's Bundle has hundreds).
     refs: dict[str, str] = {}
+    found: list[tuple[object, str | None] | None] = []
     for e in entries:
-        if isinstance(e, dict):
-            url, rid = e.get("fullUrl"), _id_of(e.get("resource"))
-            if isinstance(url, str) and rid is not None:
-                refs[url] = rid
-    for i, e in enumerate(entries):
-        pos = base + i
-        if not isinstance(e, dict):
-            yield RawRecord(pos, None, "Bundle entry is not an object")
-        elif "resource" not in e:
-            # A transaction DELETE or a search outcome entry: nothing to ingest, but say so.
-            yield RawRecord(pos, None, "Bundle entry has no resource")
-        elif nested_ok and isinstance(e["resource"], dict) and e["resource"].get("resourceType") == "Bundle":
-            yield from bundle_records(e["resource"], (i + 1) << ENTRY_BITS, nested_ok=False)
+        if not isinstance(e, dict) or "resource" not in e:
+            found.append(None)
+            continue
+        r = e["resource"]
+        rid = r.get("id") if isinstance(r, dict) else None
+        if not isinstance(rid, str):
+            rid = None
+        elif isinstance(url := e.get("fullUrl"), str):
+            refs[url] = rid
+        found.append((r, rid))
+    for i, hit in enumerate(found):
+        if hit is None:
+            # No resource: a transaction DELETE or a search outcome entry; nothing to ingest, but say so.
+            why = "Bundle entry has no resource" if isinstance(entries[i], dict) else "Bundle entry is not an object"
+            yield RawRecord(base + i, None, why)
+            continue
+        r, rid = hit
+        if nested_ok and isinstance(r, dict) and r.get("resourceType") == "Bundle":
+            yield from bundle_records(r, (i + 1) << ENTRY_BITS, nested_ok=False)
         else:
-            yield RawRecord(pos, e["resource"], refs=refs, resource_id=_id_of(e["resource"]))
+            yield RawRecord(base + i, r, None, refs, rid)
 
 
 def iter_records(f: InputFile, nbytes: list[int] | None = None) -> Iterator[RawRecord]:

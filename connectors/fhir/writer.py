@@ -107,11 +107,12 @@ def _sort_order(df: pl.DataFrame) -> pl.Series:
 # Below this many rows, deduplicating and sorting in Python beats polars' fixed cost per query (a request's patient).
 SMALL_ROWS = 20_000
 _ROW_KEYS = itemgetter(7, 8)  # (source_type, source_id) of an EventColumns row
-_ROW_COPIES = itemgetter(7, 8, 9, 10)  # ... and the input record it came from (file_index, position)
+# Below every time parse_time gives (year 1 is -62135596800000000 us): a null time sorts first, as in polars.
+_NULL_TIME = -(1 << 63)
 
 
 def _row_order(row: tuple) -> tuple:
-    """`_sort_order`'s key for one EventColumns row (a null time first, as polars sorts with nulls_last=False)."""
+    """`_sort_order`'s key for one EventColumns row."""
     t = row[1]
     rank = 1
     if row[7] == "Encounter":
@@ -120,7 +121,7 @@ def _row_order(row: tuple) -> tuple:
             rank = 0
         elif code.endswith("/END"):
             rank = 2
-    return (row[0], t is not None, t or 0, rank, row[9], row[10], row[11])
+    return (row[0], _NULL_TIME if t is None else t, rank, row[9], row[10], row[11])
 
 
 def store_events(cols: EventColumns) -> pl.DataFrame:
@@ -130,7 +131,9 @@ def store_events(cols: EventColumns) -> pl.DataFrame:
     rows = cols.rows
     if not rows:
         return pl.DataFrame(schema=EVENT_SCHEMA)
-    if len(rows) > SMALL_ROWS or len(set(map(_ROW_KEYS, rows))) != len(set(map(_ROW_COPIES, rows))):
+    # A resource's rows start at seq 0, one run per input record: (type, id) twice among them is a repeated resource.
+    firsts = [row for row in rows if row[11] == 0] if len(rows) <= SMALL_ROWS else ()
+    if len(rows) > SMALL_ROWS or len(set(map(_ROW_KEYS, firsts))) != len(firsts):
         df, _ = _dedup(events_frame(cols))
         return df[_sort_order(df)].select(list(EVENT_SCHEMA))
     data = list(zip(*sorted(rows, key=_row_order)))
@@ -138,7 +141,7 @@ def store_events(cols: EventColumns) -> pl.DataFrame:
         [
             pl.Series("subject_id", data[0], pl.Int64()),
             pl.Series("time", data[1], pl.Int64()).cast(pl.Datetime("us")),
-            *(pl.Series(name, data[i], EVENT_SCHEMA[name], strict=False) for i, name in enumerate(EVENT_SCHEMA) if i > 1),
+            *(pl.Series(name, data[i], dtype, strict=False) for i, (name, dtype) in enumerate(EVENT_SCHEMA.items()) if i > 1),
         ]
     )
 
