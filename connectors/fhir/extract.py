@@ -103,7 +103,7 @@ class EventColumns:
         return {name: list(col) for name, col in zip(EVENT_FIELDS, zip(*self.rows))}
 
 
-@dataclass
+@dataclass(slots=True)
 class ResourceContext:
     """Where a resource sits: its input record and how references resolve in its Bundle or export."""
 
@@ -175,7 +175,8 @@ def first_time(r: dict, fields: tuple[str, ...], what: str) -> int:
         else:
             v = r.get(f)
         if v is not None:
-            return parse_time(v, f"{what}.{f}")
+            hit = _time_cache.get(v) if isinstance(v, str) else None  # a repeated time: no message to build
+            return hit if hit is not None else parse_time(v, f"{what}.{f}")
     raise Unmappable(f"no event time ({what}.{' / '.join(fields)} all absent)")
 
 
@@ -205,19 +206,29 @@ def concept_code(cc: object, what: str, ctx: ResourceContext) -> str:
     codings = cc.get("coding") if isinstance(cc, dict) else None
     if not isinstance(codings, list) or not codings:
         raise Unmappable(f"{what} has no coding")
-    chosen = None
-    for c in codings:
-        if isinstance(c, dict) and c.get("system") in VOCAB_BY_SYSTEM and c.get("code"):
-            chosen = c
-            break
-    got = coding_code(chosen if chosen is not None else codings[0])
-    if got is None:
-        raise Unmappable(f"{what} has no usable coding code")
-    code, display = got
-    if display is None and isinstance(cc, dict) and isinstance(cc.get("text"), str):
+    first = codings[0]
+    system = first.get("system") if isinstance(first, dict) else None
+    vocab = VOCAB_BY_SYSTEM.get(system) if isinstance(system, str) else None
+    code = first.get("code") if vocab is not None else None
+    if isinstance(code, str) and code:  # the usual case, read once: the first coding has a known system
+        code = f"{vocab}/{code}"
+        display = first.get("display")
+        if not isinstance(display, str):
+            display = None
+    else:
+        chosen = None
+        for c in codings:
+            if isinstance(c, dict) and c.get("system") in VOCAB_BY_SYSTEM and c.get("code"):
+                chosen = c
+                break
+        got = coding_code(chosen if chosen is not None else first)
+        if got is None:
+            raise Unmappable(f"{what} has no usable coding code")
+        code, display = got
+    if display is None and isinstance(cc.get("text"), str):
         display = cc["text"]
-    if display is not None and code not in ctx.descriptions:
-        ctx.descriptions[code] = display
+    if display is not None:
+        ctx.descriptions.setdefault(code, display)
     return code
 
 
@@ -282,18 +293,19 @@ def optional_encounter(ref: object, ctx: ResourceContext) -> str | None:
 class Emitter:
     """Appends the rows of one resource; `rollback` undoes them if the resource turns out unmappable."""
 
-    __slots__ = ("cols", "rtype", "rid", "ctx", "updated", "start", "seq")
+    __slots__ = ("cols", "rows", "rtype", "rid", "ctx", "updated", "start", "seq")
 
     def __init__(self, cols: EventColumns, rtype: str, rid: str, ctx: ResourceContext, updated: int | None):
         self.cols, self.rtype, self.rid, self.ctx, self.updated = cols, rtype, rid, ctx, updated
-        self.start = len(cols)
+        self.rows = cols.rows
+        self.start = len(self.rows)
         self.seq = 0
 
     def __call__(self, subject, time, code, numeric=None, text=None, unit=None, encounter=None) -> None:
         ctx = self.ctx
         if text is not None:
             self.cols.text_bytes += len(text)
-        self.cols.rows.append(
+        self.rows.append(
             (subject, time, code, numeric, text, unit, encounter, self.rtype, self.rid,
              ctx.file_index, ctx.position, self.seq, self.updated)
         )
@@ -311,11 +323,15 @@ def _number(v: object, what: str) -> float | None:
     return float(v)
 
 
-def _quantity(q: object, what: str) -> tuple[float | None, str | None]:
+def _quantity(q: object, what: str, field: str = "") -> tuple[float | None, str | None]:
+    """`what` + `field` names the Quantity in a reason; joined only when there is one to give."""
     if not isinstance(q, dict):
-        raise Unmappable(f"{what} is not a Quantity")
+        raise Unmappable(f"{what}{field} is not a Quantity")
     unit = q.get("code") or q.get("unit") or q.get("currency")
-    return _number(q.get("value"), f"{what}.value"), unit if isinstance(unit, str) else None
+    v = q.get("value")
+    if v.__class__ is not float:  # a JSON decimal is a float already
+        v = _number(v, f"{what}{field}.value")
+    return v, unit if isinstance(unit, str) else None
 
 
 def _money(m: object, what: str) -> tuple[float | None, str | None]:
@@ -415,7 +431,7 @@ def extract_condition(r: dict, emit: Emitter, ctx: ResourceContext) -> None:
 def _observation_value(holder: dict, ctx: ResourceContext, what: str):
     """(numeric, text, unit) of an Observation or component value[x]."""
     if "valueQuantity" in holder:
-        num, unit = _quantity(holder["valueQuantity"], f"{what}.valueQuantity")
+        num, unit = _quantity(holder["valueQuantity"], what, ".valueQuantity")
         return num, None, unit
     if "valueCodeableConcept" in holder:
         return None, concept_code(holder["valueCodeableConcept"], f"{what}.valueCodeableConcept", ctx), None
@@ -592,8 +608,11 @@ def extract_eob(r: dict, emit: Emitter, ctx: ResourceContext) -> None:
     chosen = None
     for tot in totals:
         cats = tot.get("category", {}).get("coding", []) if isinstance(tot, dict) else []
-        if any(isinstance(c, dict) and c.get("code") == "submitted" for c in cats):
-            chosen = tot
+        for c in cats:
+            if isinstance(c, dict) and c.get("code") == "submitted":
+                chosen = tot
+                break
+        if chosen is not None:
             break
     if chosen is None and totals:
         chosen = totals[0]
