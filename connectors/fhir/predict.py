@@ -76,12 +76,16 @@ def document_events(doc: Any) -> SubjectData:
                 for url, rid in (rec.refs or {}).items():
                     if rid == r["id"]:
                         run.medications[url] = med
+    # One context moved from record to record (a resource is done with it before the next one starts), the same
+    # values ingest gives each record its own context with.
+    ctx = ResourceContext(0, 0, {}, run.medications, run.result.descriptions)
+    resource, no_refs = run.resource, ctx.refs
     for rec in records:
         if rec.error is not None:
             run.reject("<request>", "json", rec.position, None, rec.resource_id, rec.error)
             continue
-        ctx = ResourceContext(0, rec.position, rec.refs or {}, run.medications, run.result.descriptions)
-        run.resource(rec.resource, ctx, "<request>", "json")
+        ctx.position, ctx.refs = rec.position, rec.refs or no_refs
+        resource(rec.resource, ctx, "<request>", "json")
     from connectors.fhir.writer import store_events, subjects_table
 
     events = store_events(run.cols)
