@@ -203,10 +203,17 @@ def test_kit_predict_writes_risk_assessments_that_validate(tiny_clinical_bundle,
 
     json_out = tmp_path / "p.ndjson"
     predict_command(inputs=[tiny_clinical_bundle.parent / "events"], bundle=tiny_clinical_bundle, out=str(json_out),
-                    fmt="json", as_of=None, tasks="mortality_1y", explain=False, chunk=3, batch_size=64, device="cpu")
+                    fmt="json", as_of=None, tasks="mortality_1y", explain=False, chunk=3, batch_size=64, device="cpu",
+                    workers=1)
     rows = [orjson.loads(line) for line in json_out.read_bytes().splitlines()]
     assert rows and {r["task"] for r in rows} == {"mortality_1y"} and all(r["top_events"] is None for r in rows)
     assert len({r["subject_id"] for r in rows}) == len(rows)
+    # Two scoring processes: the same lines, byte for byte, in the same order.
+    par_out = tmp_path / "p2.ndjson"
+    predict_command(inputs=[tiny_clinical_bundle.parent / "events"], bundle=tiny_clinical_bundle, out=str(par_out),
+                    fmt="json", as_of=None, tasks="mortality_1y", explain=False, chunk=3, batch_size=64, device="cpu",
+                    workers=2)
+    assert par_out.read_bytes() == json_out.read_bytes()
 
 
 def test_a_tampered_bundle_is_refused(tiny_clinical_bundle, tmp_path):
