@@ -273,7 +273,14 @@ def cached_subject_id(patient_id: str) -> int:
 def subject_of(r: dict, ctx: ResourceContext, key: str = "subject") -> int:
     if key not in r:
         raise Unmappable(f"missing subject reference ({key})")
-    return cached_subject_id(reference_id(r[key], ctx, "Patient", key))
+    ref = r[key]
+    # The usual case inline (a Bundle's fullUrl, an id seen before); anything else goes through reference_id.
+    s = ref.get("reference") if isinstance(ref, dict) else None
+    pid = ctx.refs.get(s) if isinstance(s, str) and s else None
+    if pid is None:
+        pid = reference_id(ref, ctx, "Patient", key)
+    sid = _subject_cache.get(pid)
+    return sid if sid is not None else cached_subject_id(pid)
 
 
 def optional_encounter(ref: object, ctx: ResourceContext) -> str | None:
@@ -281,6 +288,10 @@ def optional_encounter(ref: object, ctx: ResourceContext) -> str | None:
         ref = ref[0] if ref else None
     if ref is None:
         return None
+    s = ref.get("reference") if isinstance(ref, dict) else None
+    hit = ctx.refs.get(s) if isinstance(s, str) and s else None  # the usual case inline, as in subject_of
+    if hit is not None:
+        return hit
     try:
         return reference_id(ref, ctx, "Encounter", "encounter")
     except Unmappable:
