@@ -423,8 +423,9 @@ class Tokenizer:
         coded = np.flatnonzero(keep & ~has_value & self._coded_texts(texts)[text_of])
         token_of = code_of.astype(np.int64)
         strings, ids = list(codes), [id_c[:-1]]
+        bin_no = self._bins.bins(bin_code[binned], value[binned])
         pairs = (
-            (binned, zip(code_of[binned].tolist(), self._bins.bins(bin_code[binned], value[binned]).tolist()), "{}#Q{}"),
+            (binned, zip(code_of[binned].tolist(), bin_no.tolist()), "{}#Q{}"),
             (coded, zip(code_of[coded].tolist(), [texts[i] for i in text_of[coded].tolist()]), "{}={}"),
         )
         for rows, keys, fmt in pairs:
@@ -474,7 +475,8 @@ class Tokenizer:
         # Events keep their input order among equal keys; a subject's [CLS] comes before its static tokens.
         key_seq = np.concatenate([np.arange(1, len(kept) + 1), np.zeros(n_cls + n_int + 2 * n_vis, np.int64)])
         ttype = np.concatenate([
-            np.where(k_timed, np.where(is_value[kept], TOKEN_TYPES["value"], TOKEN_TYPES["code"]), TOKEN_TYPES["static"]),
+            np.where(k_timed, np.where(is_value[kept], TOKEN_TYPES["value"], TOKEN_TYPES["code"]),
+                     TOKEN_TYPES["static"]),
             np.full(n_cls, TOKEN_TYPES["special"]), np.full(n_int, TOKEN_TYPES["interval"]),
             np.full(n_vis, TOKEN_TYPES["visit_start"]), np.full(n_vis, TOKEN_TYPES["visit_end"]),
         ]).astype(np.int8)
@@ -493,15 +495,15 @@ class Tokenizer:
         # As polars computed it: division by a float constant is multiplication by its reciprocal.
         age = np.where(has_birth[row_subject],
                        (time - birth[row_subject]).astype(np.float64) * (1.0 / _US_PER_YEAR), -1.0)
-        return pl.from_arrow(pa.table({
-            "subject_id": subject[row_subject],
-            "token_id": ids[string_of].astype(np.int32),
-            "time": pa.array(time.view("datetime64[us]")),
-            "age": age.astype(np.float32),
-            "type": ttype[order],
-            "visit": key_visit[order],
-            "token": pa.array(strings, pa.large_string()).take(string_of),
-        }))
+        return pl.DataFrame([
+            pl.Series("subject_id", subject[row_subject]),
+            pl.Series("token_id", ids[string_of].astype(np.int32)),
+            pl.Series("time", time.view("datetime64[us]")),
+            pl.Series("age", age.astype(np.float32)),
+            pl.Series("type", ttype[order]),
+            pl.Series("visit", key_visit[order]),
+            pl.Series("token", pa.array(strings, pa.large_string()).take(string_of)),
+        ])
 
     # Facts about a distinct code, text or token depend only on the tokenizer, which does not change: kept per
     # tokenizer (bounded) so a request computes only those of strings it has not met before.
@@ -517,8 +519,9 @@ class Tokenizer:
                 (_drop_expr(cfg) & ~pl.col("code").str.contains(cfg.visit_end_pattern)).fill_null(False),
                 pl.col("code").str.contains(cfg.visit_start_pattern).fill_null(False),
             )
-            found = dict(zip(missing, zip(*(new.to_series(i).to_list() for i in range(2)),
-                                          [self._bins.index.get(c, -1) for c in missing], self._ids_of(missing).tolist())))
+            kept, starts = new.to_series(0).to_list(), new.to_series(1).to_list()
+            bins = [self._bins.index.get(c, -1) for c in missing]
+            found = dict(zip(missing, zip(kept, starts, bins, self._ids_of(missing).tolist())))
             _remember(memo, found)
             facts = [f if f is not None else found[c] for c, f in zip(codes, facts)]
         facts.append((False, False, -1, self.token_to_id[UNK]))
@@ -605,9 +608,11 @@ def windows(tokens: pl.DataFrame, samples: pl.DataFrame, max_len: int) -> pl.Dat
         mins[nonempty] = np.minimum.reduceat(big, offsets[:-1][nonempty])
     renumbered = np.where(visit > 0, visit - np.repeat(mins, lengths) + 1, 0).astype(np.int32)
     take = pa.array(flat)
-    return samples.with_columns(
+    added = [
         *(_lists(name, _arrow(tokens.get_column(col)).take(take), offsets) for name, col in
           (("input_ids", "token_id"), ("token_time", "time"), ("token_age", "age"), ("token_type", "type"))),
         _lists("token_visit", pa.array(renumbered), offsets),
         pl.Series("n_tokens", lengths.astype(np.int32)),
-    )
+    ]
+    replaced = [s.name for s in added if s.name in samples.columns]
+    return (samples.drop(replaced) if replaced else samples).hstack(added)

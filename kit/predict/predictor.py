@@ -221,11 +221,26 @@ class Predictor:
         """(subject_id, prediction_time) rows: per subject at its last event (as_of=None), at one time for all, per
         subject key ({"patient-id": time}), or a frame of subject_id (or subject) and prediction_time (or as_of),
         several rows per subject allowed. Sorted by subject and time, except a frame, whose order is kept."""
-        keys = sd.subjects.select("subject_id", "source_subject_id")
         if as_of is None:
-            last = sd.events.filter(pl.col("time").is_not_null()).group_by("subject_id").agg(pl.col("time").max().alias("prediction_time"))
-            out = keys.select("subject_id").join(last, on="subject_id", how="left")
-        elif isinstance(as_of, (pl.DataFrame, pl.LazyFrame)):
+            # Each subject's last timed event, in numpy: polars' per-query cost was most of this for one patient.
+            nat = np.iinfo(np.int64).min  # a null time (NaT), below every time
+            sid = sd.events.get_column("subject_id").to_numpy()
+            when = sd.events.get_column("time").to_numpy()
+            subject, at = np.unique(sid, return_inverse=True)
+            last = np.full(len(subject), nat, dtype=np.int64)
+            np.maximum.at(last, at, when.view(np.int64))
+            ids = sd.subjects.get_column("subject_id")
+            keys = ids.to_numpy()
+            pos = np.minimum(np.searchsorted(subject, keys), max(len(subject) - 1, 0))
+            found = np.zeros(len(keys), dtype=bool)
+            if len(subject):
+                found = (subject[pos] == keys) & (last[pos] != nat)
+            keys, last = keys[found], last[pos[found]]
+            order = np.lexsort((last, keys))  # stable: sorted by subject and time, equal ids in the table's order
+            return pl.DataFrame([pl.Series("subject_id", keys[order], dtype=ids.dtype),
+                                 pl.Series("prediction_time", last[order].view(when.dtype))])
+        keys = sd.subjects.select("subject_id", "source_subject_id")
+        if isinstance(as_of, (pl.DataFrame, pl.LazyFrame)):
             f = as_of.lazy().collect()
             when = "prediction_time" if "prediction_time" in f.columns else "as_of"
             if "subject_id" not in f.columns:
@@ -275,7 +290,9 @@ class Predictor:
         if samples.height == 0 or sd.events.height == 0:
             return []
         tokens = self.tokenizer.encode(sd.events, sd.subjects, engine="in-memory")  # request-sized data
-        win = windows(tokens, samples, self.max_len).filter(pl.col("n_tokens") > 0)
+        win = windows(tokens, samples, self.max_len)
+        if (win.get_column("n_tokens").to_numpy() == 0).any():  # a query less where every sample has history
+            win = win.filter(pl.col("n_tokens") > 0)
         if win.height == 0:
             return []
         # Rows are built once (with the first task's token) and given each task's token: tasks differ only there.
@@ -384,11 +401,13 @@ def _code_of(token: str) -> str:
 
 def _source_lookup(events: pl.DataFrame) -> dict[tuple, str]:
     """(subject_id, time in us or None, code) -> "Type/id" of the record it came from (first one wins)."""
-    f = events.select("subject_id", pl.col("time").dt.epoch("us"), "code", "source_type", "source_id")
+    none = np.iinfo(np.int64).min  # NaT: a null time
+    times = events.get_column("time").to_numpy().astype("datetime64[us]").view(np.int64).tolist()
+    columns = (events.get_column(c).to_list() for c in ("subject_id", "code", "source_type", "source_id"))
     out: dict[tuple, str] = {}
-    for sid, t, code, stype, srcid in f.iter_rows():
+    for t, sid, code, stype, srcid in zip(times, *columns):
         if stype and srcid:
-            out.setdefault((sid, t, code), f"{stype}/{srcid}")
+            out.setdefault((sid, None if t == none else t, code), f"{stype}/{srcid}")
     return out
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from kit.datasets.build import read_manifest, scan_rows
 from kit.errors import KitError
@@ -53,19 +54,46 @@ class LoadedDataset:
         return next((n for n, t in self.manifest["tasks"].items() if t["type"] == "forecast"), None)
 
 
+# The list columns a Row is built from, and the dtype make_row converts each to (an array of it passes through).
+_TIMES = pl.List(pl.Datetime("us"))
+_LIST_DTYPES = {"input_ids": np.int64, "token_time": None, "token_age": np.float32, "token_type": np.int64,
+                "token_visit": np.int64}
+
+
 def rows_from_frame(df: pl.DataFrame | pl.LazyFrame, name: str, kind: str, num_outputs: int) -> tuple[list[Row], pl.DataFrame]:
     """Rows of one task from dataset-schema records; the dataset loader and the Predictor both read rows this way."""
+    df = df.collect() if isinstance(df, pl.LazyFrame) else df
     # Times as int64 microseconds up front: converting datetimes token by token in Python dominated load time.
-    df = df.lazy().with_columns(
-        pl.col("token_time").list.eval(pl.element().dt.epoch("us")),
-        pl.col("prediction_time").dt.epoch("us").alias("_pred_us"),
-    ).collect()
+    epoch = (pl.col("token_time").cast(pl.List(pl.Int64)) if df.get_column("token_time").dtype == _TIMES
+             else pl.col("token_time").list.eval(pl.element().dt.epoch("us")))
+    df = df.with_columns(epoch, pl.col("prediction_time").dt.epoch("us").alias("_pred_us"))
     with_token = kind in SUPERVISED
-    rows = [
-        make_row({**rec, "prediction_time": rec["_pred_us"]}, name, kind, num_outputs, with_task_token=with_token)
-        for rec in df.iter_rows(named=True)
-    ]
+    lists = [(c, _flat(df.get_column(c)), dtype) for c, dtype in _LIST_DTYPES.items()]
+    if any(flat is None for _, flat, _ in lists):  # a null list or token: make_row sees what iter_rows gives
+        rows = [make_row({**rec, "prediction_time": rec["_pred_us"]}, name, kind, num_outputs,
+                         with_task_token=with_token) for rec in df.iter_rows(named=True)]
+        return rows, df
+    # Token lists sliced from the flat Arrow buffers as fresh arrays of make_row's dtypes (the times as Python ints,
+    # as iter_rows gives them): iter_rows built a Python object per token.
+    lists = [(c, off.tolist(), values, dtype) for c, (off, values), dtype in lists]
+    rows = []
+    for i, rec in enumerate(df.drop(*_LIST_DTYPES).iter_rows(named=True)):
+        for c, off, values, dtype in lists:
+            part = values[off[i]:off[i + 1]]
+            rec[c] = part.tolist() if dtype is None else part.astype(dtype)
+        rec["prediction_time"] = rec["_pred_us"]
+        rows.append(make_row(rec, name, kind, num_outputs, with_task_token=with_token))
     return rows, df
+
+
+def _flat(column: pl.Series) -> tuple[np.ndarray, np.ndarray] | None:
+    """A list column's offsets and flat values as numpy; None where a list or an element is null."""
+    arr = column.to_arrow()
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if arr.null_count or arr.values.null_count:
+        return None
+    return arr.offsets.to_numpy(), arr.values.to_numpy(zero_copy_only=False)
 
 
 def _task_rows(root: Path, split: str, name: str, info: dict) -> TaskRows:
