@@ -213,7 +213,8 @@ def main() -> None:
     ap.add_argument("--patient-mb", type=float, default=1.0, help="size of the single-patient Bundle to send")
     ap.add_argument("--explain", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--workers", type=int, default=1, help="kit serve --workers (processes; one per core)")
-    ap.add_argument("--batch-clients", type=int, default=0, help="batch calls in flight (default: --workers)")
+    ap.add_argument("--batch-clients", type=int, default=0,
+                    help="batch calls in flight (default: 2 per worker, so a worker never waits for its next call)")
     args = ap.parse_args()
     if not args.bundle.exists():
         raise SystemExit(f"{args.bundle}: no bundle; run examples/demo.sh first or pass --bundle")
@@ -235,7 +236,7 @@ def main() -> None:
         lat = asyncio.run(load(url, single, args.clients, args.seconds))
         lat["server_cpu_ms_per_request"] = 1000 * (_cpu_s(proc.pid) - cpu0) / max(1, lat["requests"] + lat["failed"])
         rss_after_load = _rss_mb(proc.pid)
-        bat = batch(url, docs, args.batch_repeats, args.batch_per_request, args.batch_clients or args.workers)
+        bat = batch(url, docs, args.batch_repeats, args.batch_per_request, args.batch_clients or 2 * args.workers)
         rss_end = _rss_mb(proc.pid)
     finally:
         sampler.stop.set()
