@@ -163,7 +163,7 @@ class _ValueBins:
         self.first = np.searchsorted(self.cut_code, np.arange(len(sizes) + 1))  # where each code's cuts start
 
     def bins(self, code: np.ndarray, value: np.ndarray) -> np.ndarray:
-        """Bin numbers of values of binned codes (code indices from `code_index`)."""
+        """Bin numbers of values of binned codes (`code`: the code's position in `codes`)."""
         m, n = len(self.cut), len(code)
         if n == 0 or m == 0:
             return np.ones(n, dtype=np.int64)
@@ -207,11 +207,12 @@ def _validity(arr: pa.Array) -> np.ndarray:
     return np.unpackbits(bits, count=arr.offset + len(arr), bitorder="little")[arr.offset:].astype(bool)
 
 
-def _int64_values(series: pl.Series) -> tuple[np.ndarray, np.ndarray]:
-    """An Int64 or Datetime("us") column as int64 (nulls: _NO_TIME) and its validity."""
-    arr = _arrow(series)
-    valid = _validity(arr)
-    return np.where(valid, _numpy(arr, np.int64), _NO_TIME), valid
+def _times(series: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """A datetime column as epoch microseconds (nulls: _NO_TIME, which is NaT's int64) and its validity."""
+    if series.dtype != pl.Datetime("us"):
+        series = series.cast(pl.Datetime("us"))
+    t = series.to_numpy().view(np.int64)
+    return t, t != _NO_TIME
 
 
 def _float64_values(series: pl.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -228,10 +229,6 @@ def _int64_column(series: pl.Series) -> np.ndarray:
     return (series if series.dtype == pl.Int64 else series.cast(pl.Int64)).to_numpy()
 
 
-def _us(series: pl.Series) -> pl.Series:
-    return series if series.dtype == pl.Datetime("us") else series.cast(pl.Datetime("us"))
-
-
 def _distinct(series: pl.Series) -> tuple[np.ndarray, list[str]]:
     """A string column as indices into its distinct values (null: -1, which numpy reads as the last entry)."""
     enc = pc.dictionary_encode(_arrow(series))
@@ -242,7 +239,7 @@ def _births(subjects: pl.DataFrame, subject: np.ndarray) -> tuple[np.ndarray, np
     """Birth times (epoch us) of the sorted subject ids `subject`, and whether each has one (the first row of a
     subject listed twice)."""
     sid = _int64_column(subjects.get_column("subject_id"))
-    birth, has = _int64_values(_us(subjects.get_column("birth_time")))
+    birth, has = _times(subjects.get_column("birth_time"))
     if len(sid) == 0:
         return np.zeros(len(subject), np.int64), np.zeros(len(subject), bool)
     order = np.argsort(sid, kind="stable")
@@ -401,15 +398,15 @@ class Tokenizer:
 
         Columns are read as Arrow/numpy arrays and strings are handled once per distinct value (a code's facts, a
         token's id), so a single patient's few hundred events cost no per-query overhead and a chunk of a million
-        events stays a handful of vectorized passes. Equal to `event_token_strings` and the vocabulary looked up in
-        polars (tests/test_tokenizer.py).
+        events stays a handful of vectorized passes. Equal to the same rules stated as polars joins
+        (tests/test_tokenizer_reference.py).
         """
         ev = events.collect(engine=engine) if isinstance(events, pl.LazyFrame) else events
         subj = subjects.collect(engine=engine) if isinstance(subjects, pl.LazyFrame) else subjects
         if ev.height == 0:
             return pl.DataFrame(schema=_TABLE_SCHEMA)
         sid = _int64_column(ev.get_column("subject_id"))
-        t, timed = _int64_values(_us(ev.get_column("time")))
+        t, timed = _times(ev.get_column("time"))
         value, has_value = _float64_values(ev.get_column("numeric_value"))
         code_of, codes = _distinct(ev.get_column("code"))
         keep_c, start_c, bin_c, id_c = self._code_facts(codes)  # one past the end: a null code (dropped)
@@ -495,15 +492,17 @@ class Tokenizer:
         # As polars computed it: division by a float constant is multiplication by its reciprocal.
         age = np.where(has_birth[row_subject],
                        (time - birth[row_subject]).astype(np.float64) * (1.0 / _US_PER_YEAR), -1.0)
-        return pl.DataFrame([
-            pl.Series("subject_id", subject[row_subject]),
-            pl.Series("token_id", ids[string_of].astype(np.int32)),
-            pl.Series("time", time.view("datetime64[us]")),
-            pl.Series("age", age.astype(np.float32)),
-            pl.Series("type", ttype[order]),
-            pl.Series("visit", key_visit[order]),
-            pl.Series("token", pa.array(strings, pa.large_string()).take(string_of)),
-        ])
+        columns = {
+            "subject_id": pa.array(subject[row_subject]),
+            "token_id": pa.array(ids[string_of].astype(np.int32)),
+            "time": pa.array(time).view(pa.timestamp("us")),
+            "age": pa.array(age.astype(np.float32)),
+            "type": pa.array(ttype[order]),
+            "visit": pa.array(key_visit[order]),
+            "token": pa.array(strings, pa.large_string()).take(string_of),
+        }
+        # Series from Arrow arrays: polars' numpy path costs several times more per column at this size.
+        return pl.DataFrame([pl.Series(name, values) for name, values in columns.items()])
 
     # Facts about a distinct code, text or token depend only on the tokenizer, which does not change: kept per
     # tokenizer (bounded) so a request computes only those of strings it has not met before.
@@ -572,12 +571,12 @@ def windows(tokens: pl.DataFrame, samples: pl.DataFrame, max_len: int) -> pl.Dat
     `tokens` must be in `encode` order (sorted by subject, then reading order).
     """
     sid = _int64_column(tokens.get_column("subject_id"))
-    t = _numpy(_arrow(_us(tokens.get_column("time"))), np.int64)
+    t, _ = _times(tokens.get_column("time"))
     if not np.all((sid[1:] > sid[:-1]) | ((sid[1:] == sid[:-1]) & (t[1:] >= t[:-1]))):
         raise ValueError("windows: tokens must be in encode order (sorted by subject_id, then time)")
     ttype = tokens.get_column("type").to_numpy()
     s_sid = _int64_column(samples.get_column("subject_id"))
-    pt, has_pt = _int64_values(_us(samples.get_column("prediction_time")))
+    pt, has_pt = _times(samples.get_column("prediction_time"))
     # A subject's tokens are rows first..last; (subject, time) is sorted, so one search over both finds how many of
     # them are strictly before the prediction time.
     base = np.searchsorted(sid, s_sid, "left")
@@ -612,7 +611,7 @@ def windows(tokens: pl.DataFrame, samples: pl.DataFrame, max_len: int) -> pl.Dat
         *(_lists(name, _arrow(tokens.get_column(col)).take(take), offsets) for name, col in
           (("input_ids", "token_id"), ("token_time", "time"), ("token_age", "age"), ("token_type", "type"))),
         _lists("token_visit", pa.array(renumbered), offsets),
-        pl.Series("n_tokens", lengths.astype(np.int32)),
+        pl.Series("n_tokens", pa.array(lengths.astype(np.int32))),
     ]
     replaced = [s.name for s in added if s.name in samples.columns]
     return (samples.drop(replaced) if replaced else samples).hstack(added)

@@ -74,10 +74,12 @@ def rows_from_frame(df: pl.DataFrame | pl.LazyFrame, name: str, kind: str, num_o
                          with_task_token=with_token) for rec in df.iter_rows(named=True)]
         return rows, df
     # Token lists sliced from the flat Arrow buffers as fresh arrays of make_row's dtypes (the times as Python ints,
-    # as iter_rows gives them): iter_rows built a Python object per token.
+    # as iter_rows gives them), the other fields column by column: iter_rows built a Python object per token.
     lists = [(c, off.tolist(), values, dtype) for c, (off, values), dtype in lists]
+    names = [c for c in df.columns if c not in _LIST_DTYPES]
     rows = []
-    for i, rec in enumerate(df.drop(*_LIST_DTYPES).iter_rows(named=True)):
+    for i, scalars in enumerate(zip(*(df.get_column(c).to_list() for c in names))):
+        rec = dict(zip(names, scalars))
         for c, off, values, dtype in lists:
             part = values[off[i]:off[i + 1]]
             rec[c] = part.tolist() if dtype is None else part.astype(dtype)
