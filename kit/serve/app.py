@@ -257,10 +257,44 @@ def _score_batch(predictor, wire, docs: list, *, as_of, explain: bool, tasks: li
     return results, len(good), len(preds)
 
 
+def _http_protocol_base():
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        return HttpToolsProtocol
+    except ImportError:  # httptools is optional; uvicorn's default is then h11
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        return H11Protocol
+
+
+class NoDelayProtocol(_http_protocol_base()):
+    """uvicorn's HTTP protocol with TCP_NODELAY on every connection. With --workers N uvicorn binds the port with a
+    socket whose protocol number is 0, so asyncio does not turn Nagle off on accepted connections; on a keep-alive
+    connection every answer then waited ~40 ms for the client's delayed ACK (bench/serve.py, 2 workers)."""
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        import socket
+
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        super().connection_made(transport)
+
+
+HTTP_PROTOCOL = "kit.serve.app:NoDelayProtocol"
+
+
 class _Memory:
     """glibc keeps freed memory in per-thread arenas: across the threadpool's threads the server's RSS crept up by
-    hundreds of MB under load (bench/serve.py). Fewer arenas and a trim after work (at most once a second) keep it
-    flat. A no-op where glibc is not the allocator."""
+    hundreds of MB under load (bench/serve.py). Fewer arenas and a trim after work keep it flat. The trim is rare (at
+    most every TRIM_EVERY_S): memory handed back is faulted in again by the next request, and trimming once a second
+    cost about 18 ms of a 1 MB request's 84. A no-op where glibc is not the allocator."""
+
+    TRIM_EVERY_S = 30.0
 
     def __init__(self) -> None:
         self.libc = None
@@ -280,7 +314,7 @@ class _Memory:
             return
         now = time.monotonic()
         with self.lock:
-            if now - self.last < 1.0:
+            if now - self.last < self.TRIM_EVERY_S:
                 return
             self.last = now
         self.libc.malloc_trim(0)

@@ -39,7 +39,7 @@ def serve_command(
     from kit.errors import KitError
     from kit.predict.formats import get_format
     from kit.predict.predictor import Predictor, relax_gc
-    from kit.serve.app import ENV_CONFIG, configure_logging, create_app
+    from kit.serve.app import ENV_CONFIG, HTTP_PROTOCOL, configure_logging, create_app
 
     console = Console(stderr=True)
     token = None
@@ -63,7 +63,7 @@ def serve_command(
     # uvicorn's access log prints query strings and client addresses; ours logs request ids, status and counts only.
     if workers == 1:
         app = create_app(predictor, token=token, max_bytes=max_bytes, explain=explain, fmt=fmt)
-        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, http=HTTP_PROTOCOL)
         return
     # Each worker gets its share of the cores: N workers each running torch's and polars' default pools (one thread
     # per core) oversubscribed the CPU, and two workers on two cores served no more than one (bench/serve.py).
@@ -74,7 +74,7 @@ def serve_command(
         "explain": explain, "fmt": fmt, "batch_size": batch_size, "device": device, "log_level": log_level,
         "threads": threads})
     uvicorn.run("kit.serve.app:app_from_env", factory=True, workers=workers, host=host, port=port,
-                log_level=log_level, access_log=False)
+                log_level=log_level, access_log=False, http=HTTP_PROTOCOL)
 
 
 def register(app: typer.Typer) -> None:
