@@ -173,8 +173,9 @@ class ServeProcess:
         self.url = f"http://127.0.0.1:{port}"
 
     def stop(self) -> None:
-        if self.proc.returncode is None:
+        if self.proc.poll() is None:
             self.proc.terminate()
+        if not self.proc.stderr.closed:
             _, rest = self.proc.communicate(timeout=30)
             self.lines.append(rest)
 

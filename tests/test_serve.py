@@ -341,3 +341,47 @@ def test_a_subject_with_nothing_to_score_is_said_not_dropped(client, patient_doc
         out = c.post("/predict?explain=false", content=orjson.dumps(doc), headers={"Content-Type": "application/json"}).json()
     assert {p["subject"] for p in out["predictions"]} == {"a"}
     assert [n["id"] for n in out["not_used"]] == ["b"]
+
+
+def test_workers_share_connections_and_stop_cleanly(tiny_clinical_bundle, patient_docs, predictor, kit_serve):
+    """`kit serve --workers 2`: connections opened together are spread over both workers (each answers as the
+    Predictor does); a stop ends every worker; a worker that dies stops the server with status 1."""
+    import re
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kit.predict.formats import get_format
+
+    server = kit_serve("--bundle", str(tiny_clinical_bundle), "--workers", "2", "--no-explain")
+    doc = patient_docs[0]
+
+    def probabilities(body: dict) -> list:
+        return sorted((r["code"]["coding"][0]["code"], p.get("outcome", {}).get("text"), p.get("probabilityDecimal"))
+                      for r in (e["resource"] for e in body["entry"]) if r["resourceType"] == "RiskAssessment"
+                      for p in r["prediction"])
+
+    want = probabilities(get_format("clinical").render(predictor.predict(doc, explain=False), predictor.info, []))
+
+    def post(_):
+        with httpx.Client(base_url=server.url, timeout=60) as c:  # its own connection
+            resp = c.post("/predict", content=orjson.dumps(doc), headers=FHIR)
+            assert resp.status_code == 200, resp.text[:300]
+            return probabilities(resp.json())
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(post, range(4)))
+    assert all(g == got[0] for g in got)
+    assert [g[:2] for g in got[0]] == [w[:2] for w in want]
+    assert [g[2] for g in got[0]] == pytest.approx([w[2] for w in want], abs=2e-6)  # 6 digits; its own thread count
+    server.stop()
+    served = re.findall(r"\[(\d+)\] request_id=\S+ POST /predict status=200", server.log())
+    assert len(served) == 4 and len(set(served)) == 2, served
+    assert server.proc.returncode == 0 and server.log().count("Finished server process") == 2
+
+    server = kit_serve("--bundle", str(tiny_clinical_bundle), "--workers", "2")
+    pid = int(re.search(r"Started server process \[(\d+)\]", server.log()).group(1))
+    os.kill(pid, signal.SIGKILL)
+    assert server.proc.wait(60) == 1
+    server.stop()
+    assert "stopping the others" in server.log() and "Traceback" not in server.log()
+

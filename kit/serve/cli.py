@@ -73,6 +73,12 @@ def serve_command(
         "bundle": str(bundle), "token_file": str(token_file) if token_file else None, "max_bytes": max_bytes,
         "explain": explain, "fmt": fmt, "batch_size": batch_size, "device": device, "log_level": log_level,
         "threads": threads})
+    from kit.serve.workers import FD_PASSING, serve_workers
+
+    if FD_PASSING:  # connections go to the least busy worker (see kit/serve/workers.py)
+        del predictor
+        raise typer.Exit(serve_workers(workers, host, port, log_level=log_level, http=HTTP_PROTOCOL, announce=lambda url:
+                                       console.print(f"kit serve: {workers} workers on {url} (Ctrl+C to stop)")))
     uvicorn.run("kit.serve.app:app_from_env", factory=True, workers=workers, host=host, port=port,
                 log_level=log_level, access_log=False, http=HTTP_PROTOCOL)
 
