@@ -385,3 +385,40 @@ def test_workers_share_connections_and_stop_cleanly(tiny_clinical_bundle, patien
     server.stop()
     assert "stopping the others" in server.log() and "Traceback" not in server.log()
 
+
+
+def test_batcher_waits_for_requests_still_arriving(predictor, patient_docs):
+    """Requests whose bodies are still being read or parsed join the pass the first one starts; when the clients it
+    expects do not come back, a lone request is scored after at most max_wait_s, and the next one at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kit.predict.formats import get_format
+    from kit.serve.batcher import RequestBatcher
+
+    data = [get_format("clinical").parse(d) for d in patient_docs]
+    calls = []
+    real = predictor.predict_data
+
+    def counting(sd, **kw):
+        calls.append(sd.subjects.height)
+        return real(sd, **kw)
+
+    batcher = RequestBatcher(type("Counting", (), {"predict_data": staticmethod(counting)})(), max_wait_s=2.0)
+
+    def request(i: int):
+        with batcher.arriving() as ticket:
+            time.sleep(0.05 * i)  # reading and parsing
+            return batcher.predict(data[i], explain=False, ticket=ticket)
+
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(request, range(3)))
+    assert calls == [3]  # one pass, though the first was queued 100 ms before the last
+    assert [len(g) for g in got] == [len(real(sd, explain=False)) for sd in data]
+    calls.clear()
+    batcher.max_wait_s = 0.5
+    t0 = time.monotonic()
+    request(0)  # the worker held 3 at once: it waits for the other two, in vain, 0.5 s at most
+    t1 = time.monotonic()
+    request(1)  # nothing more is expected now: scored at once (after its 50 ms of "parsing")
+    t2 = time.monotonic()
+    assert calls == [1, 1] and 0.5 <= t1 - t0 < 1.5 and t2 - t1 < 0.45

@@ -137,17 +137,18 @@ def create_app(predictor, *, token: str | None = None, max_bytes: int = DEFAULT_
                       tasks: str | None = None) -> Response:
         """Answers a FHIR Bundle (type collection) of RiskAssessment, one per subject and task
         (plain JSON predictions for non-FHIR verticals)."""
-        doc = await read_document(request)
+        with batcher.arriving() as ticket:  # a scorer about to start may wait for this request to join it
+            doc = await read_document(request)
 
-        def work():
-            sd = wire.parse(doc)
-            try:
-                preds = batcher.predict(sd, as_of=as_of, explain=explain, tasks=_task_list(tasks))
-                return wire.render(preds, predictor.info, [*sd.rejected, *_unscored(sd, preds)]), preds
-            finally:
-                memory.release()
+            def work():
+                sd = wire.parse(doc)
+                try:
+                    preds = batcher.predict(sd, as_of=as_of, explain=explain, tasks=_task_list(tasks), ticket=ticket)
+                    return wire.render(preds, predictor.info, [*sd.rejected, *_unscored(sd, preds)]), preds
+                finally:
+                    memory.release()
 
-        payload, preds = await run_in_threadpool(work)
+            payload, preds = await run_in_threadpool(work)
         return respond(request, payload, f"subjects={len({p.subject_id for p in preds})} predictions={len(preds)}")
 
     @app.post("/predict/batch", openapi_extra={**_body_spec({"type": "array", "items": _DOC_SCHEMA}, media),
