@@ -471,3 +471,16 @@ def test_stepped_scoring_matches_whole_rows_and_ignores_batch_company() -> None:
     assert all(torch.equal(a, b) for a, b in zip(stepped, row_logits(model, rows, "cpu", batch_size=64, bf16=False)))
     for i in (0, 5, len(rows) - 1):  # alone, a row gets the very same numbers
         assert torch.equal(row_logits(model, [rows[i]], "cpu", bf16=False)[0], stepped[i])
+    # Histories of assorted lengths share passes, left-padded (exact without an in_proj bias); with a bias padding
+    # would reach the state, so only equal lengths share, and a row still gets its numbers alone.
+    from kit.eval.scoring import _history_batches
+
+    lengths = [(n, [i]) for i, n in enumerate((44, 56, 43, 8, 8, 20))]
+    assert [[m[0] for m in b] for b in _history_batches(model, lengths, 64)] == [[1, 0, 2], [5], [3, 4]]
+    biased = build_model(ModelConfig(backbone=BackboneConfig(kind="mamba", vocab_size=VOCAB, hidden_size=32, num_layers=2,
+                                                             overrides={"use_bias": True}),
+                                     inputs=InputsConfig(time=True, age=True, num_token_types=9, max_visits=8),
+                                     tasks=TASKS)).eval()
+    assert [[m[0] for m in b] for b in _history_batches(biased, lengths, 64)] == [[1], [0], [2], [5], [3, 4]]
+    together = row_logits(biased, rows, "cpu", batch_size=64, bf16=False)
+    assert all(torch.equal(row_logits(biased, [rows[i]], "cpu", bf16=False)[0], together[i]) for i in (0, 5, len(rows) - 1))
