@@ -9,7 +9,7 @@
 The server is the real `kit serve` command in a subprocess; the clients are asyncio (httpx) in this process.
 
     python bench/serve.py --bundle kit-runs/demo/clinical.kitbundle              # 8 clients, 60 s
-    python bench/serve.py --bundle B --clients 4 --seconds 20 --no-explain
+    python bench/serve.py --bundle B --clients 4 --seconds 20 --explain
 """
 
 from __future__ import annotations
@@ -92,8 +92,7 @@ class RssSampler(threading.Thread):
 def start_server(bundle: Path, explain: bool, workers: int = 1) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "kit", "serve", "--bundle", str(bundle), "--port", "0", "--workers", str(workers)]
     # (uvicorn prints the port it bound at info level)
-    if not explain:
-        cmd.append("--no-explain")
+    cmd.append("--explain" if explain else "--no-explain")
     env = {**os.environ, "COLUMNS": "200"}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 300
@@ -220,7 +219,8 @@ def main() -> None:
     ap.add_argument("--batch-repeats", type=int, default=5)
     ap.add_argument("--batch-per-request", type=int, default=10, help="patients per /predict/batch request")
     ap.add_argument("--patient-mb", type=float, default=1.0, help="size of the single-patient Bundle to send")
-    ap.add_argument("--explain", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--explain", action=argparse.BooleanOptionalAction, default=False,
+                    help="serve with explanations on (kit serve --explain; off by default, as kit serve)")
     ap.add_argument("--workers", type=int, default=1, help="kit serve --workers (processes; one per core)")
     ap.add_argument("--batch-clients", type=int, default=0,
                     help="batch calls in flight (default: 2 per worker, so a worker never waits for its next call)")

@@ -269,7 +269,8 @@ class Predictor:
         `data`: a FHIR Bundle (dict, JSON string or path), a list of resources, a MEDS event frame (with `subjects`,
         or birth/death from MEDS_BIRTH/MEDS_DEATH events), an event store, or raw files the vertical ingests.
         `as_of`: the prediction time (default: each subject's last event; events at or after it are not read).
-        `explain=False` skips the attribution (gradient x input over the history), which costs about a forward pass.
+        `explain=False` skips the attribution (gradient x input over the history): a forward and backward pass
+        over each task's row, most of a prediction's cost.
         """
         sd = self.subject_data(data, subjects=subjects)
         return self.predict_data(sd, as_of=as_of, tasks=tasks, explain=explain, top_k=top_k)
@@ -355,8 +356,11 @@ class Predictor:
         handle = emb.register_forward_hook(hook)
         out: list[np.ndarray] = []
         try:
-            for start in range(0, len(rows), self.batch_size):
-                part = rows[start:start + self.batch_size]
+            # A few rows a pass: the backward holds every layer's activations, and 28 rows (4 patients batched by
+            # the server) held ~0.5 GB per worker at once, which the allocator then kept.
+            step = min(self.batch_size, _EXPLAIN_ROWS)
+            for start in range(0, len(rows), step):
+                part = rows[start:start + step]
                 batch = collate(part)
                 with torch.enable_grad():
                     res = self.model(**model_inputs(batch, self.device, used_inputs(self.model)), compute_lm_logits=False)
@@ -369,6 +373,9 @@ class Predictor:
         finally:
             handle.remove()
         return out
+
+
+_EXPLAIN_ROWS = 8  # rows per attribution pass (forward and backward over whole rows)
 
 
 def relax_gc() -> None:

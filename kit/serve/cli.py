@@ -13,7 +13,9 @@ def serve_command(
     port: int = typer.Option(8080, "--port", min=0, max=65535, help="TCP port (0: any free port)."),
     token_file: Path = typer.Option(None, "--token-file", help="File holding the bearer token every request but /health must send."),
     max_request_mb: float = typer.Option(16.0, "--max-request-mb", min=0.001, help="Requests above this size get 413."),
-    explain: bool = typer.Option(True, "--explain/--no-explain", help="Default for ?explain= (influential input events)."),
+    explain: bool = typer.Option(False, "--explain/--no-explain",
+                                 help="Default for ?explain= (influential input events). Off unless asked: they cost "
+                                      "~16x a prediction (docs/benchmarks.md); a request asks with ?explain=true."),
     fmt: str = typer.Option(None, "--format", help="Wire format (default: the vertical's own, fhir for clinical; json for any)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Rows per model batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
