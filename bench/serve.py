@@ -201,6 +201,21 @@ def batch(url: str, docs: list[dict], repeats: int, per_request: int, clients: i
                          "patients_per_s": len(docs) * repeats / streamed_s}}
 
 
+def _decode_ms(raw: bytes) -> float:
+    """The machine's speed right now: orjson decoding of the single-patient Bundle, median of 21 calls. A shared VM
+    varies by tens of percent from hour to hour; runs compare only when this does."""
+    import statistics
+
+    import orjson
+
+    ts = []
+    for _ in range(21):
+        t0 = time.perf_counter()
+        orjson.loads(raw)
+        ts.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(ts)
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -232,6 +247,7 @@ def main() -> None:
     raw = [gzip.decompress(p.read_bytes()) for p in files]
     single = min(raw, key=lambda b: abs(len(b) - args.patient_mb * 1e6))  # the patient closest to the asked size
     load1 = os.getloadavg()
+    speed = _decode_ms(single)
     proc, url = start_server(args.bundle, args.explain, args.workers)
     sampler = RssSampler(proc.pid)
     sampler.start()
@@ -253,7 +269,8 @@ def main() -> None:
         proc.wait(30)
     peak = max((r for _, r in sampler.samples), default=float("nan"))
     result = {
-        "machine": machine(), "loadavg_before": load1, "loadavg_after": os.getloadavg(), "bundle": str(args.bundle),
+        "machine": machine(), "speed_check_json_decode_ms": speed, "loadavg_before": load1,
+        "loadavg_after": os.getloadavg(), "bundle": str(args.bundle),
         "explain": args.explain, "workers": args.workers, "clients": args.clients, "seconds": args.seconds,
         "single_patient_json_mb": len(single) / 1e6, "single": lat, "batch": bat,
         "rss_mb": {"start": rss_start, "after_load": rss_after_load, "end": rss_end, "peak": peak,
@@ -261,7 +278,8 @@ def main() -> None:
     }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "serve.json").write_text(json.dumps(result, indent=1))
-    print(f"machine: {result['machine']}; load average before {load1[0]:.1f}, after {result['loadavg_after'][0]:.1f}")
+    print(f"machine: {result['machine']}; load average before {load1[0]:.1f}, after {result['loadavg_after'][0]:.1f}; "
+          f"speed check: the patient's JSON decodes in {speed:.1f} ms")
     print(f"/predict, one {result['single_patient_json_mb']:.2f} MB patient Bundle, {args.clients} clients x {args.seconds:.0f} s, "
           f"explain={args.explain}:")
     print(f"  {lat['requests']} ok, {lat['failed']} failed, {lat['rps']:.1f} req/s, p50 {lat['p50_ms']:.0f} ms, "
