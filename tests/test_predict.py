@@ -137,6 +137,24 @@ def test_fhir_inputs_give_the_event_store_predictions(predictor, dataset, workdi
     assert all(p.top_events is None for p in predictor.predict(doc, explain=False))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_predictor_agrees_with_cpu(tiny_clinical_bundle, predictor, example_docs):
+    """device="cuda": the Triton scan and the GPU step give the CPU's probabilities (to float rounding) and the
+    same strongest attribution."""
+    gpu = Predictor.load(tiny_clinical_bundle, device="cuda")
+    docs = [doc for _, doc in list(example_docs.values())[:4]]
+    for doc in docs:
+        want, got = predictor.predict(doc), gpu.predict(doc)
+        assert [(p.subject, p.task) for p in got] == [(p.subject, p.task) for p in want]
+        for a, b in zip(got, want, strict=True):
+            if a.probability is not None:
+                assert a.probability == pytest.approx(b.probability, abs=1e-4)
+            else:
+                assert a.scores == pytest.approx(b.scores, abs=1e-4)
+            # near ties may swap places: the strongest weight agrees, not necessarily which event carries it
+            assert a.top_events and a.top_events[0]["weight"] == pytest.approx(b.top_events[0]["weight"], rel=1e-3, abs=1e-6)
+
+
 def test_meds_event_frame_and_errors(predictor, workdir):
     sd = _store_data(workdir / "events", read_subjects(workdir / "events")["subject_id"].head(3).to_list())
     from_frame = predictor.predict(sd.events, subjects=sd.subjects, explain=False)
