@@ -93,6 +93,9 @@ def test_predict_answers_a_bundle_of_risk_assessments(client, patient_docs, pred
     doc = patient_docs[0]
     with caplog.at_level(logging.INFO, logger="kit.serve"):
         resp = client.post("/predict", content=orjson.dumps(doc), headers={**FHIR, "X-Request-ID": "req-42"})
+        deadline = time.monotonic() + 10  # the line is written once the answer is sent: the client may read it first
+        while not any("request_id=req-42" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.02)
     assert resp.status_code == 200, resp.text[:500]
     assert resp.headers["x-request-id"] == "req-42" and resp.headers["content-type"].startswith("application/fhir+json")
     body = resp.json()
@@ -405,8 +408,12 @@ def test_batcher_waits_for_requests_still_arriving(predictor, patient_docs):
 
     batcher = RequestBatcher(type("Counting", (), {"predict_data": staticmethod(counting)})(), max_wait_s=2.0)
 
-    def request(i: int):
+    started = threading.Barrier(3)
+
+    def request(i: int, together: bool = True):
         with batcher.arriving() as ticket:
+            if together:
+                started.wait(30)  # all three are arriving before the first is queued
             time.sleep(0.05 * i)  # reading and parsing
             return batcher.predict(data[i], explain=False, ticket=ticket)
 
@@ -417,8 +424,8 @@ def test_batcher_waits_for_requests_still_arriving(predictor, patient_docs):
     calls.clear()
     batcher.max_wait_s = 0.5
     t0 = time.monotonic()
-    request(0)  # the worker held 3 at once: it waits for the other two, in vain, 0.5 s at most
+    request(0, False)  # the worker held 3 at once: it waits for the other two, in vain, 0.5 s at most
     t1 = time.monotonic()
-    request(1)  # nothing more is expected now: scored at once (after its 50 ms of "parsing")
+    request(1, False)  # nothing more is expected now: scored at once (after its 50 ms of "parsing")
     t2 = time.monotonic()
     assert calls == [1, 1] and 0.5 <= t1 - t0 < 1.5 and t2 - t1 < 0.45
