@@ -76,8 +76,9 @@ def serve_workers(n: int, host: str, port: int, *, log_level: str, http: str, an
                     conn, _ = listener.accept()
                 except (BlockingIOError, InterruptedError):
                     break
-                except OSError as err:  # out of file descriptors, say: the client retries, the server goes on
+                except OSError as err:  # out of file descriptors, say: the client waits, the server goes on
                     print(f"kit serve: accept failed ({err.strerror})", file=sys.stderr)
+                    time.sleep(0.1)  # the socket stays readable: do not spin on it
                     break
                 with conn:
                     live = [handed[i] - closed[i] for i in range(n)]
