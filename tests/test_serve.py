@@ -165,13 +165,29 @@ def test_batch_scores_each_document_or_says_why(client, patient_docs, predictor)
          b'"animal": {"species": {"text": "dog"}}}}]}', FHIR, 422, "not-supported"),
         (b'{"resourceType": "Bundle"}', {"Content-Type": "application/fhir+json; fhirVersion=5.0"}, 415, "not-supported"),
         (b'{"resourceType": "Bundle"}', {"Content-Type": "text/plain"}, 415, "not-supported"),
+        (b'{"resourceType": "Bundle", "id": "\xff"}', FHIR, 400, "structure"),
+        (b"[" * 5000 + b"]" * 5000, FHIR, 400, "structure"),
+        (b'{"resourceType": "Bundle"} {}', FHIR, 400, "structure"),
+        (b'{"resourceType": "Bundle", "total": 1e400}', FHIR, 400, "structure"),
     ],
     ids=["malformed-json", "empty", "not-an-object", "wrong-resource-type", "no-patient", "stu3-patient",
-         "fhir-version-5", "wrong-media-type"],
+         "fhir-version-5", "wrong-media-type", "not-utf8", "nested-too-deep", "trailing-data", "number-out-of-range"],
 )
 def test_bad_requests_get_their_operation_outcome(client, body, headers, status, code):
     outcome = _validate_outcome(client.post("/predict", content=body, headers=headers), status)
     assert outcome["issue"][0]["code"] == code
+
+
+def test_request_decoder_reads_what_ingest_reads():
+    """Requests decode with msgspec, ingest with orjson: the same values from every shipped document, so a served
+    patient's events are the ones training read."""
+    from kit.predict.formats import decode_json
+
+    files = sorted(EXAMPLE_BUNDLES.glob("*.json.gz"))
+    assert files
+    for f in files:
+        raw = gzip.decompress(f.read_bytes())
+        assert decode_json(bytearray(raw), f.name) == orjson.loads(raw), f.name
 
 
 def test_size_limit_auth_and_routes(client, url):

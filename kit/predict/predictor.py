@@ -138,6 +138,7 @@ class Predictor:
     def warm_up(self) -> None:
         """Score one synthetic history for every task (and attribute it), so the first real request does not pay for
         loading the compiled kernels and first-call allocations."""
+        import kit.eval.calibration  # noqa: F401 - its scipy import (~0.6 s) would otherwise land on the first request
         from kit.eval.scoring import row_logits
         from kit.train.batching import Row
 
@@ -393,12 +394,9 @@ def relax_gc() -> None:
 
 
 def _loads(raw: bytes, what: str) -> Any:
-    import orjson
+    from kit.predict.formats import decode_json
 
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as err:
-        raise BadInput(400, f"{what} is not valid JSON ({err})", code="structure") from None
+    return decode_json(raw, what)
 
 
 def _code_of(token: str) -> str:

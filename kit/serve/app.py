@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kit import __version__
 from kit.errors import KitError
-from kit.predict.formats import BadInput, SubjectData
+from kit.predict.formats import BadInput, SubjectData, decode_json
 from kit.serve.batcher import RequestBatcher
 
 log = logging.getLogger("kit.serve")
@@ -122,10 +122,7 @@ def create_app(predictor, *, token: str | None = None, max_bytes: int = DEFAULT_
             raise BadInput(413, f"the request is over the {max_bytes:,}-byte limit", code="too-long")
         if not body:
             raise BadInput(400, "the request body is empty", code="structure")
-        try:
-            return orjson.loads(body)  # orjson reads the bytearray as it is: no 16 MB copy
-        except orjson.JSONDecodeError as err:
-            raise BadInput(400, f"the request body is not valid JSON ({err})", code="structure") from None
+        return decode_json(body, "the request body")  # read as the bytearray it is: no 16 MB copy
 
     def respond(request: Request, payload: Any, counts: str) -> Response:
         request.state.counts = counts
