@@ -189,3 +189,38 @@ def test_cpu_causal_conv1d_matches_pytorch_with_gradients(scan_cpu, silu, monkey
         results.append((out, *torch.autograd.grad(out, [x, weight, bias], cot)))
     for fused, ref in zip(*results):
         torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_mixer_step_matches_the_pytorch_step(scan_cpu, dtype):
+    # MambaMixer.step on CPU in inference runs two fused kernels; its PyTorch path is the reference. Channels (21)
+    # and states (5) that fill no SIMD vector exercise the partial lanes; a row's result is the same alone.
+    from kit.kernels.scan_cpu import mixer_step_cpu
+    from kit.models.mamba import MambaMixer, MambaSpec
+
+    torch.manual_seed(4)
+    spec = MambaSpec(hidden_size=11, state_size=5, time_step_rank=3, expand=2, use_conv_bias=True)
+    mixer = MambaMixer(spec).to(dtype).eval()
+    dim = spec.intermediate_size
+    with torch.no_grad():
+        mixer.A_log.add_(torch.randn_like(mixer.A_log) * 0.3)
+        mixer.D.normal_()
+        hidden = torch.randn(9, 11, dtype=dtype)
+        conv_state = torch.randn(9, dim, spec.conv_kernel - 1, dtype=dtype)
+        ssm_state = torch.randn(9, dim, 5, dtype=dtype)
+        assert mixer._fused_step(hidden) == (dtype == torch.float32)
+        xz = mixer.in_proj(hidden)
+        fused = mixer.out_proj(mixer_step_cpu(xz, conv_state, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, mixer.x_proj,
+                                              mixer.dt_proj, -torch.exp(mixer.A_log), mixer.D, ssm_state,
+                                              spec.time_step_rank))
+        mixer.scan_impl = "chunked"  # not the cpu scan: the PyTorch step
+        assert not mixer._fused_step(hidden)
+        reference = mixer.step(hidden, conv_state, ssm_state)
+        # The PyTorch step reads the SSM part in fp32 whatever the model's dtype: fp32 tolerances for both.
+        torch.testing.assert_close(fused, reference, rtol=2e-5, atol=2e-5)
+        alone = mixer_step_cpu(xz[3:4], conv_state[3:4], mixer.conv1d.weight[:, 0], mixer.conv1d.bias, mixer.x_proj,
+                               mixer.dt_proj, -torch.exp(mixer.A_log), mixer.D, ssm_state[3:4], spec.time_step_rank)
+        together = mixer_step_cpu(xz, conv_state, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, mixer.x_proj,
+                                  mixer.dt_proj, -torch.exp(mixer.A_log), mixer.D, ssm_state, spec.time_step_rank)
+    # x_proj/dt_proj are GEMMs whose bits may follow the row count; the kernels' own part is per row.
+    torch.testing.assert_close(alone[0], together[3], rtol=1e-6, atol=1e-6)

@@ -60,6 +60,7 @@ def _history_key(r: Row) -> bytes:
     return b"".join(a[:-1].tobytes() for a in (r.input_ids, r.time, r.age, r.token_type, r.visit))
 
 
+@torch.no_grad()  # scoring only: the fused CPU step (MambaMixer.step) serves no-grad calls
 def _stepped_logits(model, rows: list[Row], device, *, batch_size: int, bf16: bool, task: str | None) -> list[torch.Tensor]:
     from kit.models.mamba import MambaState
 

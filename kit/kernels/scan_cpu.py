@@ -241,3 +241,18 @@ def causal_conv1d_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     out = CpuCausalConv.apply(_unit_last(x.transpose(1, 2)), weight.to(x.dtype).t().contiguous(),
                               None if bias is None else bias.to(x.dtype).contiguous(), bool(silu))
     return out.transpose(1, 2)
+
+
+def mixer_step_cpu(xz: torch.Tensor, conv_state: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+                   x_proj, dt_proj, A: torch.Tensor, D: torch.Tensor | None, ssm_state: torch.Tensor,
+                   time_step_rank: int) -> torch.Tensor:
+    """A Mamba mixer's step between in_proj and out_proj for one position per row, fp32 CPU, no autograd:
+    xz (B, 2D) (in_proj's output), conv_state (B, D, K-1), conv_weight (D, K), A (D, N), ssm_state (B, D, N) ->
+    y (B, D). x_proj and dt_proj are called as modules (a LoRA adapter on them applies). Two fused kernels replace
+    the dozen small ops of `MambaMixer.step`'s PyTorch path; the state is read, never written."""
+    ext = load_extension()
+    dim = conv_weight.shape[0]
+    x = ext.conv_step(xz, conv_state.contiguous(), conv_weight.t().contiguous(), conv_bias)
+    proj = x_proj(x)  # (B, R + 2N): dt, B, C
+    delta = dt_proj(proj[:, :time_step_rank])
+    return ext.ssm_step(x, delta, A.contiguous(), proj[:, time_step_rank:], D, xz[:, dim:], ssm_state.contiguous(), True)

@@ -181,6 +181,13 @@ class MambaMixer(nn.Module):
         (B, H). The recurrence written out in a dozen small ops: for a single position the sequence kernels' launch and
         layout costs were most of the time (a task token stepped from a history's state, `KitModel.task_step`)."""
         spec = self.spec
+        if self._fused_step(hidden):
+            from kit.kernels.scan_cpu import mixer_step_cpu
+
+            y = mixer_step_cpu(self.in_proj(hidden), conv_state.float(), self.conv1d.weight[:, 0].float(),
+                               None if self.conv1d.bias is None else self.conv1d.bias.float(), self.x_proj, self.dt_proj,
+                               -torch.exp(self.A_log.float()), self.D.float(), ssm_state.float(), spec.time_step_rank)
+            return self.out_proj(y)
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, D) each
         window = torch.cat([conv_state.to(x.dtype), x[:, :, None]], dim=-1)  # (B, D, W)
         x = (window * self.conv1d.weight[:, 0]).sum(-1)
@@ -196,6 +203,17 @@ class MambaMixer(nn.Module):
         y = torch.bmm(decayed, c.float()[:, :, None])[:, :, 0] + (delta * xf) * (b.float() * c.float()).sum(-1, keepdim=True)
         y = (y + self.D.float() * xf) * F.silu(z.float())
         return self.out_proj(y.to(self.out_proj.weight.dtype))
+
+
+    def _fused_step(self, hidden: torch.Tensor) -> bool:
+        """The fused CPU step kernels serve fp32 inference wherever the sequence pass uses the fused CPU scan."""
+        if hidden.dtype != torch.float32 or torch.is_grad_enabled() or hidden.device.type != "cpu":
+            return False
+        if self.in_proj.weight.dtype != torch.float32 or kernels.resolve_impl(self.scan_impl, hidden.device) != "cpu":
+            return False
+        from kit.kernels.scan_cpu import extension_available
+
+        return extension_available()
 
 
 class MambaBlock(nn.Module):

@@ -793,6 +793,127 @@ std::vector<torch::Tensor> conv_backward(torch::Tensor x, torch::Tensor wT, c10:
   return {dx, dw, db};
 }
 
+// ---------------------------------------------------------------- one position per row (a task token's step)
+// The Mamba mixer between in_proj and out_proj for a single position read after a state (KitModel.task_step). For
+// one position the per-op costs of a dozen PyTorch ops on (B, D, N) tensors were most of the step; fused, each row
+// is a few passes over its D channels. Rows are independent, so a row's bits do not depend on the batch it is in.
+
+// out[b, d] = silu(bias[d] + sum_{k < K-1} wT[k, d] state[b, d, k] + wT[K-1, d] x[b, d]); x (B, D) row stride sx,
+// state (B, D, K-1) contiguous, wT (K, D) contiguous. Channels are the SIMD lanes.
+template <typename T>
+void conv_step_impl(const T* x, int64_t sx, const T* state, const T* wT, const T* bias, T* out, int64_t B, int64_t D,
+                    int64_t K) {
+  using V = Vec<T>;
+  constexpr int W = lanes<T>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const T* sr = state + b * D * (K - 1);
+      for (int64_t d0 = 0; d0 < D; d0 += W) {
+        const int64_t nl = std::min<int64_t>(W, D - d0);
+        V acc = bias ? vload_n<V>(bias + d0, nl) : V{};
+        for (int64_t k = 0; k < K - 1; ++k) {
+          V sv = {};
+          for (int64_t l = 0; l < nl; ++l) sv[l] = sr[(d0 + l) * (K - 1) + k];
+          acc += vload_n<V>(wT + k * D + d0, nl) * sv;
+        }
+        acc += vload_n<V>(wT + (K - 1) * D + d0, nl) * vload_n<V>(x + b * sx + d0, nl);
+        vstore_n(out + b * D + d0, acc / (vexp(-acc) + T(1)), nl);
+      }
+    }
+  });
+}
+
+// y[b, d] = (sum_n C[n] exp(dt A[d, n]) h[b, d, n] + dt x (B . C) + Dv[d] x) * silu(z), dt = softplus(delta[b, d])
+// (or delta): the read-out of the next state without writing it. x, delta, z (B, D) with row strides; bc (B, >= 2N)
+// with B at [0, N) and C at [N, 2N) of each row; A (D, N), h (B, D, N) contiguous. The N states are the SIMD lanes.
+template <typename T>
+void ssm_step_impl(const T* x, int64_t sx, const T* delta, int64_t sdl, const T* A, const T* bc, int64_t sbc,
+                   const T* Dv, const T* z, int64_t sz, const T* h, T* y, int64_t B, int64_t D, int64_t N,
+                   bool softplus) {
+  using V = Vec<T>;
+  constexpr int W = lanes<T>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> dtb(D), yb(D);
+    for (int64_t b = begin; b < end; ++b) {
+      const T* xr = x + b * sx;
+      const T* Bn = bc + b * sbc;
+      const T* Cn = Bn + N;
+      for (int64_t d0 = 0; d0 < D; d0 += W) {
+        const int64_t nl = std::min<int64_t>(W, D - d0);
+        V dt = vload_n<V>(delta + b * sdl + d0, nl), dsp;
+        if (softplus) softplus_fwd(V(dt), dt, dsp);
+        vstore_n(dtb.data() + d0, dt, nl);
+      }
+      T bcdot = 0;
+      for (int64_t n = 0; n < N; ++n) bcdot += Bn[n] * Cn[n];
+      for (int64_t d = 0; d < D; ++d) {
+        const V dtv = splat<V>(dtb[d]);
+        const T* hr = h + (b * D + d) * N;
+        const T* ar = A + d * N;
+        V acc = {};
+        for (int64_t n0 = 0; n0 < N; n0 += W) {
+          const int64_t nl = std::min<int64_t>(W, N - n0);  // absent lanes read zeros: they add nothing
+          acc += vexp(dtv * vload_n<V>(ar + n0, nl)) * vload_n<V>(hr + n0, nl) * vload_n<V>(Cn + n0, nl);
+        }
+        yb[d] = hsum<T>(acc);
+      }
+      for (int64_t d0 = 0; d0 < D; d0 += W) {
+        const int64_t nl = std::min<int64_t>(W, D - d0);
+        const V xv = vload_n<V>(xr + d0, nl);
+        const V zz = vload_n<V>(z + b * sz + d0, nl);
+        V out = vload_n<V>(yb.data() + d0, nl) + vload_n<V>(dtb.data() + d0, nl) * xv * bcdot;
+        if (Dv) out += vload_n<V>(Dv + d0, nl) * xv;
+        vstore_n(y + b * D + d0, out * (zz / (vexp(-zz) + T(1))), nl);
+      }
+    }
+  });
+}
+
+void check_rows(const torch::Tensor& t, int64_t B, int64_t D, const char* what) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) >= D && t.stride(1) == 1, what, ": (B, D) rows, unit stride");
+}
+
+torch::Tensor conv_step(torch::Tensor x, torch::Tensor state, torch::Tensor wT, c10::optional<torch::Tensor> bias) {
+  const int64_t B = x.size(0), D = state.size(1), K = wT.size(0);
+  check_rows(x, B, D, "x");
+  TORCH_CHECK(state.dim() == 3 && state.is_contiguous() && state.size(0) == B && state.size(2) == K - 1,
+              "state: (B, D, K - 1) contiguous");
+  TORCH_CHECK(wT.dim() == 2 && wT.is_contiguous() && wT.size(1) == D, "wT: (K, D) contiguous");
+  for (const auto* t : {&state, &wT}) TORCH_CHECK(t->scalar_type() == x.scalar_type(), "inputs must share a dtype");
+  if (bias.has_value())
+    TORCH_CHECK(bias->is_contiguous() && bias->numel() == D && bias->scalar_type() == x.scalar_type(), "bias: (D,)");
+  auto out = torch::empty({B, D}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_step_cpu", [&] {
+    conv_step_impl<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), state.data_ptr<scalar_t>(), wT.data_ptr<scalar_t>(),
+                             bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), B, D, K);
+  });
+  return out;
+}
+
+torch::Tensor ssm_step(torch::Tensor x, torch::Tensor delta, torch::Tensor A, torch::Tensor bc,
+                       c10::optional<torch::Tensor> Dv, torch::Tensor z, torch::Tensor h, bool softplus) {
+  const int64_t B = x.size(0), D = A.size(0), N = A.size(1);
+  check_rows(x, B, D, "x");
+  check_rows(delta, B, D, "delta");
+  check_rows(z, B, D, "z");
+  check_rows(bc, B, 2 * N, "bc");
+  TORCH_CHECK(A.is_contiguous() && A.dim() == 2, "A: (D, N) contiguous");
+  TORCH_CHECK(h.is_contiguous() && h.dim() == 3 && h.size(0) == B && h.size(1) == D && h.size(2) == N,
+              "h: (B, D, N) contiguous");
+  for (const auto* t : {&delta, &A, &bc, &z, &h})
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "inputs must share a dtype");
+  if (Dv.has_value())
+    TORCH_CHECK(Dv->is_contiguous() && Dv->numel() == D && Dv->scalar_type() == x.scalar_type(), "D: (D,)");
+  auto y = torch::empty({B, D}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssm_step_cpu", [&] {
+    ssm_step_impl<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), delta.data_ptr<scalar_t>(), delta.stride(0),
+                            A.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(), bc.stride(0),
+                            Dv.has_value() ? Dv->data_ptr<scalar_t>() : nullptr, z.data_ptr<scalar_t>(), z.stride(0),
+                            h.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), B, D, N, softplus);
+  });
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -800,6 +921,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward, "selective scan backward (CPU)");
   m.def("conv_forward", &conv_forward, "causal depthwise conv1d (+ SiLU) forward, time-major (CPU)");
   m.def("conv_backward", &conv_backward, "causal depthwise conv1d (+ SiLU) backward, time-major (CPU)");
+  m.def("conv_step", &conv_step, "causal depthwise conv1d + SiLU for one position after a state (CPU)");
+  m.def("ssm_step", &ssm_step, "selective SSM read-out for one position after a state (CPU)");
   m.def("vector_bytes", [] { return kVecBytes; }, "SIMD vector width the extension was built for, in bytes");
   m.def("isa", [] { return std::string(kIsa) + (kFma ? "+fma" : ""); }, "instruction set the build targets");
 }
