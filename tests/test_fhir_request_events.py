@@ -92,10 +92,20 @@ def test_example_patients_read_as_ingested(docs, tmp_path):
         _assert_reads_as_ingested(doc, store, quarantine=[])
 
 
-@pytest.mark.parametrize("case", ["awkward", "bundle of bundles", "same bundle twice"])
+def _resources_only(doc: dict) -> dict:
+    """The awkward Bundle without its entries that hold no resource object: the request fast path reads it."""
+    from connectors.fhir.predict import _plain_bundle
+
+    out = dict(doc, entry=[e for e in doc["entry"] if isinstance(e, dict) and isinstance(e.get("resource"), dict)])
+    assert _plain_bundle(out) is not None and _plain_bundle(doc) is None
+    return out
+
+
+@pytest.mark.parametrize("case", ["awkward", "awkward, every entry a resource", "bundle of bundles", "same bundle twice"])
 def test_awkward_documents_read_as_ingested(docs, tmp_path, case):
     doc = {
         "awkward": lambda: _awkward(min(docs, key=lambda d: len(d["entry"]))),
+        "awkward, every entry a resource": lambda: _resources_only(_awkward(min(docs, key=lambda d: len(d["entry"])))),
         "bundle of bundles": lambda: {"resourceType": "Bundle", "type": "collection", "entry": [
             {"resource": docs[0]}, {"resource": {"resourceType": "Patient", "id": "top"}}, {"resource": docs[1]}]},
         "same bundle twice": lambda: {"resourceType": "Bundle", "entry": [{"resource": docs[2]}, {"resource": docs[2]}]},

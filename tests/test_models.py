@@ -126,6 +126,15 @@ def test_streaming_state_matches_full_sequence() -> None:
             state = out.state
     streamed = torch.cat([first.last_hidden_state, *steps], dim=1)
     torch.testing.assert_close(streamed, full, atol=1e-5, rtol=0)
+    # final_state (what history_state reads) skips only the output: the very same states, padding included.
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        embeds = backbone.embeddings(x)
+        both = backbone(inputs_embeds=embeds, attention_mask=mask, return_state=True).state
+        only = backbone.final_state(embeds, mask)
+    for a, b in zip([*both.conv, *both.ssm], [*only.conv, *only.ssm], strict=True):
+        assert torch.equal(a, b)
 
 
 TASKS = [

@@ -141,7 +141,9 @@ class MambaMixer(nn.Module):
         conv_state: torch.Tensor | None = None,
         ssm_state: torch.Tensor | None = None,
         return_state: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        with_output: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(output, conv state, ssm state); `with_output=False` stops after the scan (only the states wanted)."""
         spec = self.spec
         mask = None if attention_mask is None else attention_mask[:, :, None].to(hidden.dtype)
         if mask is not None:
@@ -171,6 +173,8 @@ class MambaMixer(nn.Module):
             delta_softplus=True, initial_state=ssm_state, return_last_state=return_state, impl=impl,
         )
         y, new_ssm_state = result if return_state else (result, None)
+        if not with_output:
+            return None, new_conv_state, new_ssm_state
         if not torch.is_autocast_enabled(y.device.type):  # under autocast the linear picks its own dtype
             y = y.to(self.out_proj.weight.dtype)
         out = self.out_proj(y.transpose(1, 2))
@@ -283,6 +287,20 @@ class MambaBackbone(nn.Module):
                 new_state.conv.append(conv_state)
                 new_state.ssm.append(ssm_state)
         return BackboneOutput(last_hidden_state=self.norm_f(hidden), state=new_state)
+
+    def final_state(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> MambaState:
+        """The state `forward(..., return_state=True)` ends in, without what only the output needs: the last layer's
+        out_proj and residual and the final norm (a history pass read for its state wasted them)."""
+        hidden, state, last = inputs_embeds, MambaState(), len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            if i < last:
+                hidden, conv_state, ssm_state = layer(hidden, attention_mask, return_state=True)
+            else:
+                _, conv_state, ssm_state = layer.mixer(layer.norm(hidden.to(layer.norm.weight.dtype)), attention_mask,
+                                                       return_state=True, with_output=False)
+            state.conv.append(conv_state)
+            state.ssm.append(ssm_state)
+        return state
 
     def step(self, hidden: torch.Tensor, state: MambaState) -> torch.Tensor:
         """The final hidden state (B, H) for one input embedding per row (B, H) read after `state`; the state itself

@@ -107,7 +107,7 @@ class KitModel(nn.Module):
         if not self.streams_state:
             raise TypeError("history_state needs a recurrent (Mamba) backbone")
         embeds = self._embed(input_ids, time, age, token_type_ids, visit_ids)
-        return self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, return_state=True).state
+        return self.backbone.final_state(embeds, attention_mask)
 
     def task_step(self, state: MambaState, input_ids: torch.Tensor, *, time=None, age=None, token_type_ids=None,
                   visit_ids=None) -> dict[str, torch.Tensor]:
