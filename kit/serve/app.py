@@ -215,9 +215,13 @@ def _unscored(sd: SubjectData, preds: list) -> list[dict]:
     """The request's subjects that got no prediction (no event before the prediction time), said in the answer
     beside the records that could not be read, so nothing a client sent disappears without a word."""
     scored = {p.subject_id for p in preds}
+    ids = sd.subjects.get_column("subject_id").to_list()
+    if scored.issuperset(ids):  # the usual case: no polars query (one per document of a batch added up)
+        return []
     return [{"position": None, "resource_type": None, "resource_id": key,
              "reason": "no event before the prediction time to score (pass as_of, or send the subject's records)"}
-            for sid, key in sd.subjects.select("subject_id", "source_subject_id").iter_rows() if sid not in scored]
+            for sid, key in zip(ids, sd.subjects.get_column("source_subject_id").to_list(), strict=True)
+            if sid not in scored]
 
 
 def _task_list(tasks: str | None) -> list[str] | None:
